@@ -1,0 +1,98 @@
+"""Routed-expert compute: one registry of implementations of the same function.
+
+Every implementation computes, for tokens ``x [T, d]`` routed to experts ``idx [T, a]`` with
+weights ``weight [T, a]``::
+
+    out[t] = sum_k weight[t, k] * down[idx[t, k]] @ (act(g) * u),   [g; u] = gate_up[idx[t, k]] @ x[t]
+
+with stacked expert weights ``gate_up [E, 2m, d]`` (gate rows first, then up rows) and
+``down [E, d, m]``. ``loop`` is the plain, readable oracle that every fast path is tested
+against; the others must match it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import activations
+
+ExpertFn = Callable[..., torch.Tensor]
+EXPERT_IMPLS: dict[str, ExpertFn] = {}
+
+
+def register(name: str):
+    def deco(fn: ExpertFn) -> ExpertFn:
+        EXPERT_IMPLS[name] = fn
+        return fn
+
+    return deco
+
+
+def _glu(h: torch.Tensor, act: str) -> torch.Tensor:
+    g, u = h.chunk(2, dim=-1)
+    return activations.apply(act, g) * u
+
+
+@register("loop")
+def loop_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
+    """Reference: a Python loop over experts (host syncs; the oracle, not the fast path)."""
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        y = _glu(x[tok] @ gate_up[e].T, act) @ down[e].T  # [n, d]
+        out.index_add_(0, tok, y * weight[tok, slot, None].to(y.dtype))
+    return out
+
+
+@register("gather")
+def gather_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
+    """Few tokens (decode): read only the selected experts' weights, no sort, no sync."""
+    w1 = gate_up[idx]  # [T, a, 2m, d]
+    w2 = down[idx]  # [T, a, d, m]
+    h = _glu(torch.einsum("td,tamd->tam", x, w1), act)  # [T, a, m]
+    y = torch.einsum("tam,tadm->tad", h, w2)  # [T, a, d]
+    return (y * weight[..., None].to(y.dtype)).sum(1)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+@register("grouped")
+def grouped_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
+    """Many tokens: sort (token, slot) pairs by expert on the device, two grouped GEMMs."""
+    T, a = idx.shape
+    E = gate_up.shape[0]
+    flat = idx.reshape(-1)  # [T*a]
+    order = flat.argsort(stable=True)
+    tok = order // a  # token of each sorted pair
+    offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)  # [E]
+    h = _glu(_grouped_mm(x[tok], gate_up.transpose(1, 2), offs), act)  # [T*a, m]
+    y = _grouped_mm(h, down.transpose(1, 2), offs)  # [T*a, d]
+    y = y * weight.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def default_impl(x: torch.Tensor) -> str:
+    """The implementation ``auto`` resolves to for this input."""
+    if x.is_cuda:
+        if "triton" in EXPERT_IMPLS:
+            return "triton"
+        return "grouped" if x.dtype == torch.bfloat16 else "gather" if x.shape[0] <= 8 else "loop"
+    return "gather" if x.shape[0] <= 2 else "grouped"
+
+
+def run_experts(impl: str, x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
+    name = default_impl(x) if impl == "auto" else impl
+    try:
+        fn = EXPERT_IMPLS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown expert implementation {impl!r}; available: auto, {', '.join(sorted(EXPERT_IMPLS))}"
+        ) from None
+    return fn(x, idx, weight, gate_up, down, act)
