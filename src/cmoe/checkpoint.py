@@ -1,0 +1,135 @@
+"""Checkpoints: save_pretrained-style folders that Hugging Face loads natively.
+
+A converted model is saved with ``model_type = "cmoe_<family>"`` (e.g. ``cmoe_llama``) and the
+per-layer MoE shapes under ``config.json["cmoe"]``. ``import cmoe`` registers, for every
+supported family, a config class and a CausalLM class with those names in transformers'
+Auto classes, so ``AutoModelForCausalLM.from_pretrained(path)`` works without
+trust_remote_code. Weights are safetensors only (no pickle). Saving is atomic: the folder
+is written under a temporary name and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .families import FAMILIES, family_of
+from .moe import CMoEMLP, MoELayerSpec
+
+PREFIX = "cmoe_"
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class CheckpointError(OSError):
+    """The output folder cannot take a checkpoint, or a folder is not a cmoe checkpoint."""
+
+
+def install_moe_layers(model: nn.Module, cmoe: dict) -> None:
+    """Replace each decoder layer's FFN by an (empty) CMoEMLP of the saved shape."""
+    family = family_of(model.config)
+    layers = family.layers(model)
+    specs = cmoe["layers"]
+    if len(specs) != len(layers):
+        raise CheckpointError(f"config has {len(specs)} MoE layer specs for {len(layers)} decoder layers")
+    for layer, spec in zip(layers, specs):
+        old = getattr(layer, family.mlp_attr)
+        ref = next(old.parameters())
+        setattr(layer, family.mlp_attr, CMoEMLP(MoELayerSpec(**spec)).to(device=ref.device, dtype=ref.dtype))
+
+
+def _register(model_type: str) -> None:
+    base_config = CONFIG_MAPPING[model_type]
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+    config_cls = type(f"CMoE{base_config.__name__}", (base_config,), {"model_type": PREFIX + model_type})
+
+    def __init__(self, config, *args, **kwargs):
+        base_model.__init__(self, config, *args, **kwargs)
+        install_moe_layers(self, config.cmoe)
+
+    model_cls = type(f"CMoE{base_model.__name__}", (base_model,), {"config_class": config_cls, "__init__": __init__})
+    model_cls.__module__ = config_cls.__module__ = __name__
+    globals()[model_cls.__name__] = model_cls
+    globals()[config_cls.__name__] = config_cls
+    AutoConfig.register(PREFIX + model_type, config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+def register_all() -> None:
+    for model_type in FAMILIES:
+        _register(model_type)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type", "").startswith(PREFIX)
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Fail early, before any work: the folder must be writable and not hold a checkpoint."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} is not empty; pass --overwrite (overwrite=True) to replace it")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot write to {parent}: choose an output folder you can write to")
+    return out
+
+
+def save(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Save a converted model (and its tokenizer) to ``out``, atomically."""
+    if not getattr(model.config, "cmoe", None):
+        raise CheckpointError("model is not converted (config.cmoe is missing); run cmoe.convert_ first")
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        base = cfg["model_type"].removeprefix(PREFIX)
+        cfg["model_type"] = PREFIX + base
+        cfg["architectures"] = [f"CMoE{MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[base]].__name__}"]
+        cfg.pop("quantization_config", None)
+        if extra:
+            cfg["cmoe"] = {**cfg["cmoe"], **extra}
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None):
+    """Load a cmoe checkpoint -> model (eval mode). ``cmoe.load_tokenizer(path)`` for its tokenizer."""
+    if not is_checkpoint(path):
+        raise CheckpointError(f"{path} is not a cmoe checkpoint (no config.json with model_type cmoe_*)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,179 @@
+"""The ``cmoe`` command line: argument parsing and printing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=False)
+
+DEMO_PROMPT = "The history of the Roman Empire"
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a dense model into a CMoE model (no MODEL: the built-in SmolLM2 demo)",
+        description="Convert a dense causal LM into a CMoE mixture of experts, training-free. "
+        "With no MODEL, runs the built-in demo: SmolLM2-135M-Instruct, calibration on the wiki "
+        "sample, S3A3E8, then dense vs converted perplexity on held-out wiki and c4 and a sample "
+        "generation from each.",
+    )
+    p.add_argument("model", nargs="?", help="hub id, local folder, .gguf file, or 'smollm2' (default: the demo)")
+    p.add_argument("--config", default="S3A3E8", help="S{s}A{a}E{e}: s shared, a active of e experts (default S3A3E8)")
+    p.add_argument("--calib", default="wiki", help="calibration source: wiki, c4, ptb, code, a+b mixtures, hf:NAME, file")
+    p.add_argument("--samples", type=int, default=8, help="calibration sequences (default 8)")
+    p.add_argument("--seqlen", type=int, default=2048, help="calibration sequence length (default 2048)")
+    p.add_argument("--k-act", type=int, default=10, help="K_a of the ATopK markers (default 10)")
+    p.add_argument("--kmeans-iters", type=int, default=1, help="balanced k-means iterations; 0 = to convergence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder for the checkpoint (refuses a non-empty one without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.add_argument("--device", help="compute device for each layer (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", help="model dtype: float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--eval", default=None, help="after converting, perplexity dense vs converted on these sources (e.g. wiki,c4)")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows per source (default 8)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> None:
+    from . import evaluate, pipeline
+    from .config import CMoEConfig
+    from .summary import layer_table, render, summary_table
+
+    demo = args.model is None
+    if demo:
+        console.print("[bold]cmoe demo[/]: SmolLM2-135M-Instruct, calibration on the wiki sample, "
+                      f"{args.config}, then dense vs converted perplexity")
+    eval_sources = _csv(args.eval if args.eval is not None else ("wiki,c4" if demo else ""))
+    cfg = CMoEConfig.parse(
+        args.config, k_act=args.k_act, calib_samples=args.samples, calib_seqlen=args.seqlen,
+        kmeans_iters=args.kmeans_iters or None, seed=args.seed,
+    )
+    t0 = time.perf_counter()
+    result = pipeline.convert(
+        args.model or "smollm2", cfg, calib=args.calib, out=args.out, overwrite=args.overwrite,
+        device=args.device, dtype=args.dtype, keep_dense=bool(eval_sources),
+    )
+    report = result.report
+    console.print(render(layer_table(result.model, report.to_dict())))
+    console.print(render(summary_table(result.model)))
+    console.print(f"converted in {report.seconds:.1f} s (total {time.perf_counter() - t0:.1f} s with loading), "
+                  f"peak memory {report.peak_memory_bytes / 2**30:.2f} GiB")
+    if args.out:
+        console.print(f"saved to {args.out}")
+    if eval_sources:
+        models = {"dense": result.dense, cfg.name: result.model}
+        ppl = evaluate.compare_perplexity(models, result.tokenizer, eval_sources, seqlen=args.seqlen,
+                                          max_windows=args.eval_windows)
+        console.print(evaluate.format_table(ppl, title=f"held-out perplexity ({args.eval_windows} x {args.seqlen} tokens)"))
+    if demo:
+        for name, m in models.items():
+            console.print(f"[bold]{name}[/]: {DEMO_PROMPT}{pipeline.sample_text(m, result.tokenizer, DEMO_PROMPT)}")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity (and multiple-choice accuracy) of one or more models side by side",
+                       description="Evaluate models on the same held-out windows. Each MODEL is a cmoe "
+                       "checkpoint, a dense model folder, a hub id, a .gguf file or 'smollm2'.")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_DIR")
+    p.add_argument("--data", default="wiki,c4", help="perplexity sources, comma-separated (default wiki,c4; '' for none)")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=None, help="max windows per source (default: all)")
+    p.add_argument("--tasks", default="", help="multiple-choice tasks: social_iqa, a .jsonl or BIG-bench task.json, lm-eval:NAME")
+    p.add_argument("--limit", type=int, default=None, help="max items per task")
+    p.add_argument("--base", action="store_true", help="also evaluate the dense model a checkpoint was converted from")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> None:
+    from . import evaluate
+    from .loading import load_model
+
+    models, tokenizer = {}, None
+    names = list(args.models)
+    for name in list(names):
+        model, tok = load_model(name, dtype=args.dtype, device=args.device)
+        models[name] = model
+        tokenizer = tokenizer or tok
+        base = (getattr(model.config, "cmoe", None) or {}).get("source", {}).get("model")
+        if args.base and base and base not in models:
+            models = {base: load_model(base, dtype=args.dtype, device=args.device)[0], **models}
+    results: dict = {}
+    sources = _csv(args.data)
+    if sources:
+        results["perplexity"] = evaluate.compare_perplexity(models, tokenizer, sources, args.seqlen, args.windows)
+        console.print(evaluate.format_table(results["perplexity"]))
+    tasks = _csv(args.tasks)
+    if tasks:
+        from .tasks import format_results, run_tasks
+
+        results["tasks"] = {n: run_tasks(m, tokenizer, tasks, limit=args.limit) for n, m in models.items()}
+        console.print(format_results(results["tasks"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="experts, sizes and activated fractions of a cmoe checkpoint")
+    p.add_argument("path", metavar="DIR")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> None:
+    from . import checkpoint
+    from .pipeline import REPORT_FILE
+    from .summary import layer_table, render, summary_table
+
+    model = checkpoint.load(args.path)
+    report_path = Path(args.path) / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    cfg = model.config.cmoe
+    console.print(f"{args.path}: {model.config.model_type}, {cfg['config']['shared']}/{cfg['config']['active']}/"
+                  f"{cfg['config']['experts']} (shared/active/experts), source {cfg.get('source', {})}")
+    console.print(render(layer_table(model, report)))
+    console.print(render(summary_table(model)))
+
+
+COMMANDS = [_add_convert, _add_eval, _add_inspect]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmoe", description="Convert dense LLMs into CMoE mixtures of experts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .analysis import CalibrationError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .families import UnsupportedModelError
+    from .loading import ModelLoadError
+
+    try:
+        args.func(args)
+    except (CalibrationError, ConfigError, CheckpointError, DataError, UnsupportedModelError, ModelLoadError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

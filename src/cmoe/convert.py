@@ -1,0 +1,183 @@
+"""The layer-by-layer conversion pipeline.
+
+1. Run the calibration tokens through the embeddings once, recording each decoder layer's
+   call arguments (positions, masks, rotary tables) and layer 0's input hidden states.
+2. For each layer, with only that layer on the compute device:
+   a. run it up to its FFN to collect the FFN inputs (hook; the FFN itself is skipped),
+   b. carve the FFN into a CMoE layer and swap it in,
+   c. run the converted layer: its outputs are the next layer's inputs (errors propagate,
+      as in the paper).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .carve import CarveStats, carve
+from .config import CMoEConfig, ConfigError
+from .families import family_of
+from .moe import CMoEMLP
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    seconds: float
+    stats: CarveStats
+
+
+@dataclass
+class ConversionReport:
+    config: CMoEConfig
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0  # on the compute device (CUDA) or process max RSS (CPU)
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor, store: str):
+    """-> (hidden inputs of layer 0 [N, S, d] on ``store``, per-layer (args, kwargs) of sample 0)."""
+    calls: list[tuple] = [None] * len(layers)
+    hidden: list[torch.Tensor] = []
+    sample = [0]
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kwargs):
+            if i == 0:
+                hidden.append(hidden_states.to(store))
+            if sample[0] == 0:
+                calls[i] = (_to(args, store), _to(kwargs, store))
+            if i == len(layers) - 1 or sample[0] > 0:
+                raise _Stop
+            return hidden_states
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        dev = next(base.parameters()).device
+        for n in range(calib_ids.shape[0]):
+            sample[0] = n
+            try:
+                base(input_ids=calib_ids[n : n + 1].to(dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    return torch.cat(hidden), calls
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def convert_(
+    model: nn.Module,
+    config: CMoEConfig,
+    calib_ids: torch.Tensor,
+    device: str | torch.device | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert every FFN of ``model`` into a CMoE layer, in place, layer by layer.
+
+    ``calib_ids``: calibration token ids [N, S]. ``device``: where each layer is computed
+    (default: CUDA if available); the model may live elsewhere (CPU): only the layer being
+    converted and its activations are moved to ``device``.
+    """
+    family = family_of(model.config)
+    layers = family.layers(model)
+    if calib_ids.ndim != 2 or calib_ids.shape[0] < 1 or calib_ids.shape[1] < 2:
+        raise ConfigError(f"calibration ids must be [N >= 1, S >= 2], got shape {tuple(calib_ids.shape)}")
+    for layer in layers:
+        mlp = getattr(layer, family.mlp_attr)
+        if isinstance(mlp, CMoEMLP):
+            raise ConfigError("the model is already converted")
+        config.check_layer(family.read(mlp, model.config).intermediate_size)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    report = ConversionReport(config)
+    torch.manual_seed(config.seed)
+
+    store = "cpu"
+    hidden, calls = _record_layer_calls(model, layers, calib_ids, store)  # [N, S, d]
+    specs = []
+    bar = tqdm(layers, desc=f"convert {config.name}", unit="layer", disable=not progress)
+    for i, layer in enumerate(bar):
+        t0 = time.perf_counter()
+        home = next(layer.parameters()).device
+        layer.to(device)
+        args, kwargs = _to(calls[i], device)
+        mlp = getattr(layer, family.mlp_attr)
+
+        ffn_inputs = []
+
+        def grab(module, inp):
+            ffn_inputs.append(inp[0].reshape(-1, inp[0].shape[-1]))
+            raise _Stop
+
+        handle = mlp.register_forward_pre_hook(grab)
+        try:
+            for h in hidden.split(batch_size):
+                try:
+                    layer(h.to(device), *args, **kwargs)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        x = torch.cat(ffn_inputs)  # [N*S, d]
+        del ffn_inputs
+
+        weights = family.read(mlp, model.config)
+        moe, stats = carve(weights, x, config)
+        del x
+        setattr(layer, family.mlp_attr, moe)
+        del mlp, weights
+        hidden = torch.cat([_first(layer(h.to(device), *args, **kwargs)).to(store) for h in hidden.split(batch_size)])
+        layer.to(home)
+        specs.append(moe.spec.to_dict())
+        report.layers.append(LayerReport(i, time.perf_counter() - t0, stats))
+        bar.set_postfix(cost=f"{stats.assignment_cost:.3g}")
+
+    model.config.cmoe = {"config": config.to_dict(), "layers": specs}
+    report.seconds = time.perf_counter() - start
+    report.peak_memory_bytes = _peak_memory(device)
+    return report

