@@ -78,17 +78,41 @@ def grouped_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
+def _load_triton() -> None:
+    """Register the Triton kernels ("triton") if Triton is importable; once."""
+    global _TRITON_TRIED
+    if not _TRITON_TRIED:
+        _TRITON_TRIED = True
+        try:
+            from . import triton_experts  # noqa: F401  (registers "triton")
+        except ImportError:
+            pass
+
+
+_TRITON_TRIED = False
+
+
 def default_impl(x: torch.Tensor) -> str:
     """The implementation ``auto`` resolves to for this input."""
     if x.is_cuda:
+        _load_triton()
         if "triton" in EXPERT_IMPLS:
             return "triton"
+    return _torch_impl(x)
+
+
+def _torch_impl(x: torch.Tensor) -> str:
+    if x.is_cuda:
         return "grouped" if x.dtype == torch.bfloat16 else "gather" if x.shape[0] <= 8 else "loop"
     return "gather" if x.shape[0] <= 2 else "grouped"
 
 
 def run_experts(impl: str, x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     name = default_impl(x) if impl == "auto" else impl
+    if name == "triton":
+        _load_triton()
+        if impl == "auto" and torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, gate_up, down)):
+            name = _torch_impl(x)  # the Triton op has no backward
     try:
         fn = EXPERT_IMPLS[name]
     except KeyError:

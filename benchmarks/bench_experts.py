@@ -1,0 +1,252 @@
+"""One FFN layer, dense vs CMoE, per implementation and token count (kernel tuning).
+
+    python benchmarks/bench_experts.py [--shape llama2-7b] [--configs S1A1E8 ...] [--tokens 1 8 ...]
+
+Each timing replays a CUDA graph that runs ``--copies`` layer copies in sequence (so the
+weights come from HBM, not L2) and reports the median per layer. Components (router,
+routed experts, shared expert) are timed alone too, and the routed-expert paths are
+checked against the loop oracle first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
+
+
+def graph_ms(fn, iters: int = 5, reps: int = 7) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / iters)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def event_ms(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def make_moe(d, f, preset, dtype=torch.bfloat16):
+    from cmoe.config import CMoEConfig
+    from cmoe.moe import CMoEMLP, MoELayerSpec
+
+    cfg = CMoEConfig.parse(preset)
+    m = f // cfg.experts
+    spec = MoELayerSpec(d, cfg.shared * m, cfg.experts - cfg.shared, m, cfg.active, "silu")
+    moe = CMoEMLP(spec).cuda().to(dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.02)
+        moe.router.gate.copy_(F.normalize(moe.router.gate.float(), dim=-1))
+        moe.router.up.copy_(F.normalize(moe.router.up.float(), dim=-1))
+        moe.router.scale.zero_()
+    return moe
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama2-7b", choices=list(SHAPES))
+    p.add_argument("--configs", nargs="+", default=["S3A3E8", "S2A2E8", "S1A1E8", "S2A2E16"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 32, 128, 256, 2048, 16384])
+    p.add_argument("--copies", type=int, default=4)
+    p.add_argument("--sweep", action="store_true", help="time tile configurations of the Triton kernels")
+    args = p.parse_args(argv)
+    if args.sweep:
+        return sweep(args)
+
+    from cmoe import experts
+    from cmoe import triton_experts as te
+    from cmoe.triton_experts import use_fused_router
+
+    d, f = SHAPES[args.shape]
+    dt = torch.bfloat16
+    bw = 4.3e12
+    dense = [
+        [torch.randn(f, d, device="cuda", dtype=dt) * 0.02 for _ in range(3)] for _ in range(args.copies)
+    ]  # gate, up, down^T
+
+    def dense_fn(x):
+        def run():
+            for wg, wu, wd in dense:
+                (F.silu(x @ wg.T) * (x @ wu.T)) @ wd
+
+        return run
+
+    print(f"# {torch.cuda.get_device_name()} shape {args.shape} d={d} f={f}; times per layer (us)")
+    for preset in args.configs:
+        layers = [make_moe(d, f, preset) for _ in range(args.copies)]
+        for lay in layers:
+            use_fused_router(lay)
+            lay.impl = "triton"
+        s = layers[0].spec
+        print(f"\n## {preset}: shared {s.shared_size}, {s.num_experts} x {s.expert_size}, top {s.top_k}")
+        print("T | dense | moe | ratio | bytes-limit | router | experts | experts(gemv) | experts(grouped) | shared | torch-grouped(ev) | err")
+        for T in args.tokens:
+            x = torch.randn(T, d, device="cuda", dtype=dt)
+            lay = layers[0]
+            with torch.no_grad():
+                idx, w, _ = lay.router(x)
+                touched = int(torch.unique(idx).numel())
+                err = float("nan")
+                if T <= 256:
+                    ref = experts.loop_experts(x.float(), idx, w, lay.experts.gate_up_proj.float(), lay.experts.down_proj.float(), "silu")
+                    out = te.triton_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu")
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    out = te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu")
+                    err = max(err, ((out.float() - ref).norm() / ref.norm()).item())
+                    if T * s.top_k <= 64:
+                        out = te._gemv_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu")
+                        err = max(err, ((out.float() - ref).norm() / ref.norm()).item())
+
+                t_dense = graph_ms(dense_fn(x)) / args.copies * 1e3
+
+                def moe_run():
+                    for lay in layers:
+                        lay(x)
+
+                t_moe = graph_ms(moe_run) / args.copies * 1e3
+
+                def comp(fn):
+                    def run():
+                        for lay in layers:
+                            fn(lay)
+
+                    return graph_ms(run) / args.copies * 1e3
+
+                t_router = comp(lambda lay: lay.router(x))
+                t_exp = comp(lambda lay: te.triton_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu"))
+                t_gemv = (
+                    comp(lambda lay: te._gemv_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu"))
+                    if T * s.top_k <= 64 else float("nan")
+                )
+                t_grp = comp(lambda lay: te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu"))
+                t_sh = comp(lambda lay: lay.shared(x))
+                t_tg = float("nan")
+                if T >= 256:
+                    t_tg = sum(
+                        event_ms(lambda lay=lay: experts.grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu"))
+                        for lay in layers
+                    ) / args.copies * 1e3
+            # bytes limit: weights touched (activations ignored)
+            b_dense = 3 * d * f * 2
+            b_moe = (3 * d * s.shared_size + touched * 3 * d * s.expert_size + 2 * s.num_experts * d) * 2
+            fl_dense = 2 * T * 3 * d * f
+            fl_moe = 2 * T * 3 * d * s.active_size
+            lim = max(b_dense / bw, fl_dense / 7.9e14) / max(b_moe / bw, fl_moe / 7.9e14)
+            print(
+                f"{T} | {t_dense:.1f} | {t_moe:.1f} | {t_dense / t_moe:.2f} | {lim:.2f} | {t_router:.1f} | {t_exp:.1f} | "
+                f"{t_gemv:.1f} | {t_grp:.1f} | {t_sh:.1f} | {t_tg:.1f} | {err:.1e}",
+                flush=True,
+            )
+        del layers
+        torch.cuda.empty_cache()
+    return 0
+
+
+GEMV_CANDIDATES = [(8, 512, 4), (4, 1024, 4), (2, 1024, 4), (4, 512, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8)]
+GROUPED_CANDIDATES = [
+    dict(bt=16, gate_up=(64, 128, 4, 4), down=(64, 128, 4, 4)),
+    dict(bt=16, gate_up=(32, 128, 4, 4), down=(32, 128, 4, 4)),
+    dict(bt=16, gate_up=(32, 256, 4, 3), down=(64, 256, 4, 3)),
+    dict(bt=32, gate_up=(64, 128, 4, 4), down=(64, 128, 4, 4)),
+    dict(bt=64, gate_up=(64, 64, 4, 4), down=(128, 64, 4, 4)),
+    dict(bt=64, gate_up=(64, 128, 4, 3), down=(128, 128, 8, 3)),
+    dict(bt=128, gate_up=(64, 64, 8, 3), down=(128, 64, 8, 3)),
+    dict(bt=128, gate_up=(128, 64, 8, 3), down=(256, 64, 8, 3)),
+    dict(bt=128, gate_up=(64, 64, 4, 4), down=(128, 64, 4, 4)),
+]
+
+
+def sweep(args) -> int:
+    from cmoe import triton_experts as te
+
+    d, f = SHAPES[args.shape]
+    print(f"# sweep {torch.cuda.get_device_name()} {args.shape}")
+    for preset in args.configs:
+        layers = [make_moe(d, f, preset) for _ in range(args.copies)]
+        s = layers[0].spec
+        for T in args.tokens:
+            x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                idx, w, _ = te.fused_route(layers[0].router, x)
+                ref = te._grouped_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj, "silu")
+
+                def t_of(fn):
+                    def run():
+                        for lay in layers:
+                            fn(lay)
+
+                    return graph_ms(run) / args.copies * 1e3
+
+                res = []
+                t_r = t_of(lambda lay: te.fused_route(lay.router, x))
+                if T * s.top_k <= 32:
+                    for gu in GEMV_CANDIDATES:
+                        for dn in GEMV_CANDIDATES:
+                            if gu != dn and dn not in GEMV_CANDIDATES[:3]:
+                                continue
+                            cfg = {"gate_up": gu, "down": dn}
+                            try:
+                                t = t_of(lambda lay: te._gemv_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg))
+                            except Exception as e:  # noqa: BLE001
+                                print("  fail", cfg, type(e).__name__)
+                                continue
+                            res.append((t, "gemv", cfg))
+                for cfg in GROUPED_CANDIDATES:
+                    try:
+                        out = te._grouped_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj, "silu", cfg)
+                        assert ((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+                        t = t_of(lambda lay: te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg))
+                    except Exception as e:  # noqa: BLE001
+                        print("  fail", cfg, type(e).__name__, str(e)[:100])
+                        continue
+                    res.append((t, "grouped", cfg))
+                res.sort(key=lambda r: r[0])
+                touched = int(torch.unique(idx).numel())
+                mb = (touched * 3 * d * s.expert_size * 2) / 1e6
+                print(f"{preset} T={T} touched={touched} ({mb:.0f} MB) router {t_r:.1f} us; best:")
+                for t, kind, cfg in res[:4]:
+                    print(f"   {t:7.1f} us {mb / t * 1e-3 * 1e3:6.2f} TB/s  {kind} {cfg}")
+                cur = [r for r in res if r[2] in (te.GEMV_CONFIG, te.grouped_config(T * s.top_k))]
+                for t, kind, cfg in cur:
+                    print(f"   current: {t:7.1f} us {kind} {cfg}")
+        del layers
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Compiled generation for dense and converted models alike (the fair baseline for speed).
+
+gpt-fast's recipe on a Hugging Face causal LM: a static KV cache, an eager prefill, then a
+one-token decode step compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)``
+(CUDA graphs on the GPU). Sampling happens inside the compiled step, and the loop never waits
+on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given.
+
+    from cmoe.generation import generate, time_generation
+    out = generate(model, input_ids, max_new_tokens=64)              # greedy, [B, S + 64]
+    out = generate(model, input_ids, 64, do_sample=True, top_p=0.9)
+    t = time_generation(model, batch_size=8, prompt_len=512, new_tokens=64)
+
+Prompts of one batch share their length (no padding); positions run from 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+try:  # transformers >= 5: static layers track their length on the device
+    from transformers import StaticCache
+except ImportError:  # pragma: no cover
+    StaticCache = None
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample_logits(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: argmax, or a sample after temperature, top-k and
+    top-p (Hugging Face's order); no host synchronisation."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    # sample without torch.multinomial (no sync): argmax of p / Exp(1)
+    q = torch.empty_like(probs).exponential_(1)
+    return (probs / q).argmax(-1)
+
+
+# ----------------------------------------------------------------------------- model call
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.2x; accept both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def _forward_logits(model, ids: torch.Tensor, pos: torch.Tensor, cache, cache_kw: str) -> torch.Tensor:
+    """Logits of the last position [B, V] for ids [B, S] at positions pos [1, S]."""
+    out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    return out.logits[:, -1]
+
+
+def _decode_step(model, cache, cache_kw: str, tok, pos, do_sample: bool, temperature: float, top_k, top_p):
+    """One token: tok [B, 1] at position pos [1, 1] -> next tokens [B, 1]."""
+    logits = _forward_logits(model, tok, pos, cache, cache_kw)
+    return sample_logits(logits, do_sample, temperature, top_k, top_p)[:, None]
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_decode_step(mode: str = "reduce-overhead"):
+    """The decode step compiled once per mode (dynamo caches one graph per model and shape)."""
+    if mode not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True)
+    return _COMPILED[mode]
+
+
+def get_static_cache(model, batch_size: int, max_len: int):
+    """A StaticCache for ``model``, reused (and reset) across calls of the same size so the
+    compiled step keeps its graph."""
+    if StaticCache is None:  # pragma: no cover
+        raise RuntimeError("cmoe.generation needs transformers >= 5 (StaticCache)")
+    store = model.__dict__.setdefault("_cmoe_static_caches", {})
+    key = (batch_size, max_len)
+    if key not in store:
+        store.clear()  # one cache at a time: KV caches are large
+        store[key] = StaticCache(config=model.config, max_cache_len=max_len)
+    else:
+        store[key].reset()
+    return store[key]
+
+
+def _prepare_experts(model) -> None:
+    """On the GPU, register the Triton kernels before tracing (an import inside a traced
+    function would break the graph)."""
+    p = next(model.parameters(), None)
+    if p is not None and p.is_cuda:
+        from .experts import _load_triton
+
+        _load_triton()
+
+
+# ----------------------------------------------------------------------------- public API
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    compile: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_check_every: int = 16,
+    max_len: int | None = None,
+) -> torch.LongTensor:
+    """Generate ``max_new_tokens`` tokens after ``input_ids [B, S]``; returns ``[B, S + n]``.
+
+    ``compile``: compile the decode step with ``mode="reduce-overhead", fullgraph=True`` (CUDA
+    graphs on the GPU; on the CPU plain inductor). With ``eos_token_id``, finished rows are
+    filled with ``pad_token_id`` (default: the first eos id) and generation stops once every
+    row has finished, checked every ``stop_check_every`` tokens (the only host syncs).
+    ``max_len`` sizes the KV cache (default S + max_new_tokens); keep it fixed across calls to
+    reuse the compiled graph.
+    """
+    _prepare_experts(model)
+    B, S = input_ids.shape
+    device = input_ids.device
+    cache = get_static_cache(model, B, max_len or S + max_new_tokens)
+    kw = _cache_kwarg(model)
+    step = compiled_decode_step() if compile else _decode_step
+
+    eos = None
+    if eos_token_id is not None:
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+        pad_token_id = int(eos[0]) if pad_token_id is None else pad_token_id
+
+    out = torch.empty(B, S + max_new_tokens, dtype=torch.long, device=device)
+    out[:, :S] = input_ids
+    if max_new_tokens == 0:
+        return out
+    pos = torch.arange(S, device=device)[None]  # [1, S]
+    logits = _forward_logits(model, input_ids, pos, cache, kw)
+    tok = sample_logits(logits, do_sample, temperature, top_k, top_p)[:, None]  # [B, 1]
+    done = torch.zeros(B, 1, dtype=torch.bool, device=device)
+    pos = torch.full((1, 1), S, dtype=torch.long, device=device)
+    n = max_new_tokens
+    for i in range(max_new_tokens):
+        if eos is not None:
+            tok = torch.where(done, pad_token_id, tok)
+            done = done | torch.isin(tok, eos)
+        out[:, S + i : S + i + 1] = tok
+        if i == max_new_tokens - 1:
+            break
+        if eos is not None and (i + 1) % stop_check_every == 0 and bool(done.all()):
+            n = i + 1
+            break
+        tok = step(model, cache, kw, tok.clone(), pos.clone(), do_sample, temperature, top_k, top_p)
+        pos += 1
+    return out[:, : S + n]
+
+
+@dataclass
+class GenerationTiming:
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    prefill_s: float  # one prefill of batch_size x prompt_len
+    decode_s: float  # per decode step (batch_size tokens)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch_size / self.decode_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch_size * self.prompt_len / self.prefill_s
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_generation(
+    model,
+    batch_size: int,
+    prompt_len: int,
+    new_tokens: int = 32,
+    compile: bool = True,
+    repeats: int = 3,
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> GenerationTiming:
+    """Median time of a prefill (``batch_size x prompt_len`` random tokens) and of one greedy
+    decode step, measured over ``new_tokens`` steps after a warm-up run (compilation and CUDA
+    graph capture excluded)."""
+    _prepare_experts(model)
+    device = next(model.parameters()).device
+    V = vocab_size or model.config.vocab_size
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, V, (batch_size, prompt_len), generator=g).to(device)
+    max_len = prompt_len + new_tokens + 1
+    kw = _cache_kwarg(model)
+    step = compiled_decode_step() if compile else _decode_step
+    pre, dec = [], []
+    for r in range(repeats + 1):  # first round: warm-up and compile
+        cache = get_static_cache(model, batch_size, max_len)
+        pos = torch.arange(prompt_len, device=device)[None]
+        _sync(device)
+        t0 = time.perf_counter()
+        tok = _forward_logits(model, ids, pos, cache, kw).argmax(-1)[:, None]
+        _sync(device)
+        t1 = time.perf_counter()
+        pos = torch.full((1, 1), prompt_len, dtype=torch.long, device=device)
+        steps = new_tokens if r else 3
+        for _ in range(steps):
+            tok = step(model, cache, kw, tok.clone(), pos.clone(), False, 1.0, None, None)
+            pos += 1
+        _sync(device)
+        t2 = time.perf_counter()
+        if r:
+            pre.append(t1 - t0)
+            dec.append((t2 - t1) / steps)
+    pre.sort()
+    dec.sort()
+    return GenerationTiming(batch_size, prompt_len, new_tokens, pre[len(pre) // 2], dec[len(dec) // 2])
