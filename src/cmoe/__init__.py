@@ -7,6 +7,7 @@
     model = cmoe.load("out/")                               # or AutoModelForCausalLM.from_pretrained
 """
 
+from . import data, evaluate
 from .checkpoint import CheckpointError, load, load_tokenizer, register_all, save
 from .config import CMoEConfig, ConfigError
 from .convert import ConversionReport, convert_
@@ -35,4 +36,6 @@ __all__ = [
     "save",
     "set_expert_impl",
     "__version__",
+    "data",
+    "evaluate",
 ]

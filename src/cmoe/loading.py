@@ -49,11 +49,19 @@ def _from_gguf(path: Path, dtype):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = load_tokenizer(str(path))
     target = _dtype(dtype)
     if target != "auto":
         model.to(target)
     return model, tokenizer
+
+
+def load_tokenizer(name: str):
+    """The tokenizer alone, from the same names ``load_model`` takes."""
+    path = Path(resolve(name))
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_model(name: str, dtype=None, device: str | None = None):
@@ -69,7 +77,7 @@ def load_model(name: str, dtype=None, device: str | None = None):
             raise ModelLoadError(f"no such model folder: {name}")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = load_tokenizer(name)
         except OSError as err:
             raise ModelLoadError(
                 f"could not load {name!r}: {err}\n(a hub id needs internet access; offline, pass a local "
