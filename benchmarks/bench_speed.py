@@ -217,12 +217,13 @@ def touched_experts(model, batch: int, prompt_len: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- checks
 @torch.no_grad()
-def check_fast_path(model, tokens=(1, 3, 17, 129)) -> float:
-    """Max relative error of every MoE layer's default forward vs the loop oracle, on random
-    hidden states of a few token counts."""
-    from cmoe.moe import moe_layers
+def check_fast_path(model, tokens=(1, 3, 17, 129, 300)) -> float:
+    """Max relative error of the MoE layers' default forward vs the loop oracle on random
+    hidden states of a few token counts; also checks the fused router against the torch one
+    (same probabilities, same experts up to ties)."""
+    from cmoe.moe import AnalyticalRouter, moe_layers
 
-    worst = 0.0
+    worst, agree, total, perr = 0.0, 0, 0, 0.0
     for mod in moe_layers(model)[:4]:
         d = mod.spec.hidden_size
         for T in tokens:
@@ -230,6 +231,16 @@ def check_fast_path(model, tokens=(1, 3, 17, 129)) -> float:
             ref = mod.forward_reference(x).float()
             out = mod(x).float()
             worst = max(worst, ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item())
+            if isinstance(mod.router, AnalyticalRouter) and type(mod.router) is not AnalyticalRouter:
+                i0, w0, p0 = AnalyticalRouter.forward(mod.router, x)
+                i1, w1, p1 = mod.router(x)
+                agree += int((i0 == i1).sum())
+                total += i0.numel()
+                perr = max(perr, (p1 - p0).abs().max().item())
+    if total and (agree < 0.98 * total or perr > 1e-3):
+        print(f"  CHECK FAILED: fused router vs torch router: {agree}/{total} same experts, max |dp| {perr:.2e}")
+    elif total:
+        print(f"  fused router vs torch router: {agree}/{total} same experts, max |dp| {perr:.2e}")
     return worst
 
 
@@ -441,7 +452,8 @@ def main(argv=None) -> int:
                 err = check_fast_path(model)
                 log(f"  check vs loop oracle: max rel err {err:.2e}")
                 if not err < 3e-2:
-                    raise SystemExit(f"{name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
+                    log(f"  CHECK FAILED: {name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
+                    notes.append(f"{name} {config}: CHECK FAILED vs loop oracle ({err:.2e})")
             wb = weight_bytes(model)
             memory.append((name, config, wb))
             notes.append(f"{name} {config}: {how}")
