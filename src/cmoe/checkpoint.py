@@ -87,8 +87,10 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def save(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Save a converted model (and its tokenizer) to ``out``, atomically."""
+def save(
+    model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False, files: dict[str, str] | None = None
+) -> Path:
+    """Save a converted model (its tokenizer, and extra text ``files`` by name) to ``out``, atomically."""
     if not getattr(model.config, "cmoe", None):
         raise CheckpointError("model is not converted (config.cmoe is missing); run cmoe.convert_ first")
     out = check_output_dir(out, overwrite)
@@ -104,9 +106,10 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = Fa
         cfg["model_type"] = PREFIX + base
         cfg["architectures"] = [f"CMoE{MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[base]].__name__}"]
         cfg.pop("quantization_config", None)
-        if extra:
-            cfg["cmoe"] = {**cfg["cmoe"], **extra}
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        _default_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -119,6 +122,15 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder; give the checkpoint the permissions of any new folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None):

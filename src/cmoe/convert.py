@@ -3,10 +3,11 @@
 1. Run the calibration tokens through the embeddings once, recording each decoder layer's
    call arguments (positions, masks, rotary tables) and layer 0's input hidden states.
 2. For each layer, with only that layer on the compute device:
-   a. run it up to its FFN to collect the FFN inputs (hook; the FFN itself is skipped),
+   a. run it with its FFN replaced by a probe that records the FFN inputs x and returns 0:
+      the layer's output is then exactly its residual stream before the FFN's contribution,
    b. carve the FFN into a CMoE layer and swap it in,
-   c. run the converted layer: its outputs are the next layer's inputs (errors propagate,
-      as in the paper).
+   c. add the CMoE layer's contribution to get the converted layer's outputs, the next
+      layer's inputs (errors propagate, as in the paper), without running attention twice.
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ class ConversionReport:
 
 class _Stop(Exception):
     pass
+
+
+class _ZeroProbe(nn.Module):
+    """Stands in for an FFN: records its inputs, contributes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.reshape(-1, x.shape[-1]))
+        return torch.zeros_like(x)
 
 
 def _to(obj, device):
@@ -148,30 +161,24 @@ def convert_(
         args, kwargs = _to(calls[i], device)
         mlp = getattr(layer, family.mlp_attr)
 
-        ffn_inputs = []
-
-        def grab(module, inp):
-            ffn_inputs.append(inp[0].reshape(-1, inp[0].shape[-1]))
-            raise _Stop
-
-        handle = mlp.register_forward_pre_hook(grab)
+        probe = _ZeroProbe()
+        setattr(layer, family.mlp_attr, probe)
         try:
-            for h in hidden.split(batch_size):
-                try:
-                    layer(h.to(device), *args, **kwargs)
-                except _Stop:
-                    pass
+            residual = [_first(layer(h.to(device), *args, **kwargs)) for h in hidden.split(batch_size)]
         finally:
-            handle.remove()
-        x = torch.cat(ffn_inputs)  # [N*S, d]
-        del ffn_inputs
+            setattr(layer, family.mlp_attr, mlp)
+        x = torch.cat(probe.inputs)  # [N*S, d]
+        del probe
 
         weights = family.read(mlp, model.config)
         moe, stats = carve(weights, x, config)
-        del x
         setattr(layer, family.mlp_attr, moe)
         del mlp, weights
-        hidden = torch.cat([_first(layer(h.to(device), *args, **kwargs)).to(store) for h in hidden.split(batch_size)])
+        sizes = [r.numel() // r.shape[-1] for r in residual]
+        hidden = torch.cat(
+            [(r + family.ffn_residual(layer, moe(xr).view_as(r))).to(store) for r, xr in zip(residual, x.split(sizes))]
+        )
+        del x, residual
         layer.to(home)
         specs.append(moe.spec.to_dict())
         report.layers.append(LayerReport(i, time.perf_counter() - t0, stats))

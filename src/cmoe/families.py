@@ -32,10 +32,25 @@ class FFNWeights:
 
 @dataclass(frozen=True)
 class FFNFamily:
-    """``fused_gate_up``: one ``gate_up_proj`` [2f, d] (gate first, Phi-3) instead of two."""
+    """``fused_gate_up``: one ``gate_up_proj`` [2f, d] (gate first, Phi-3) instead of two.
+
+    ``post_ffn_norm`` / ``ffn_multiplier``: what the decoder layer applies to the FFN output
+    before the residual add (Gemma 2/3, OLMo2: a norm; Granite: a scalar). Both map 0 to 0,
+    which the conversion pipeline relies on (see ``ffn_residual``).
+    """
 
     fused_gate_up: bool = False
     mlp_attr: str = "mlp"
+    post_ffn_norm: str | None = None
+    ffn_multiplier: str | None = None
+
+    def ffn_residual(self, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """What the layer adds to its residual stream for FFN output y."""
+        if self.post_ffn_norm:
+            y = getattr(layer, self.post_ffn_norm)(y)
+        if self.ffn_multiplier:
+            y = y * getattr(layer, self.ffn_multiplier)
+        return y
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
@@ -59,10 +74,9 @@ def register(model_types: list[str], family: FFNFamily) -> None:
         FAMILIES[t] = family
 
 
-register(
-    ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite", "smollm3"],
-    FFNFamily(),
-)
+register(["llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3"], FFNFamily())
+register(["gemma2", "gemma3_text", "olmo2"], FFNFamily(post_ffn_norm="post_feedforward_layernorm"))
+register(["granite"], FFNFamily(ffn_multiplier="residual_multiplier"))
 register(["phi3"], FFNFamily(fused_gate_up=True))
 
 

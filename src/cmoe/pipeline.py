@@ -49,8 +49,8 @@ def convert(
     report = convert_(converted, cfg, ids, device=device, progress=progress)
     converted.config.cmoe["source"] = {"model": model, "calib": calib}
     if out is not None:
-        checkpoint.save(converted, out, tokenizer=tokenizer, overwrite=overwrite)
-        (Path(out) / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        report_json = json.dumps(report.to_dict(), indent=2) + "\n"
+        checkpoint.save(converted, out, tokenizer=tokenizer, overwrite=overwrite, files={REPORT_FILE: report_json})
     return Converted(converted, tokenizer, report, dense if keep_dense else None)
 
 
