@@ -36,6 +36,24 @@ from .experts import register
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
+
+def _interpreter_fixups() -> None:
+    """With TRITON_INTERPRET=1 set only after ``triton.language`` was imported (torch._dynamo
+    imports it), Triton's own ``@jit`` library functions (tl.zeros, tl.sum, ...) stay compiled-mode
+    and the interpreter cannot call them: re-wrap them as interpreted functions."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    mods = [tl, tl.standard, tl.math, tl.core]
+    for mod in mods:
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, JITFunction):
+                setattr(mod, name, InterpretedFunction(obj.fn))
+
+
+if _INTERPRET and isinstance(getattr(tl, "zeros", None), triton.runtime.jit.JITFunction):
+    _interpreter_fixups()
+
 _ACT_CODE = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
 # Path and tile choices (tuned on an H200, see docs/benchmarks/speed-h200.md).
@@ -342,22 +360,12 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
 
 # ----------------------------------------------------------------------------- fused router
 @triton.jit
-def _route_kernel(
-    x_ptr, g_ptr, u_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr,  # x [T, d]; g, u [E, d]; idx, wt [T, A]; p [T, E]
-    T, d, E,
-    A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Analytical router (method.md section 5) in one pass: scores, softmax, top-a of p + b,
-    weights 1 + p * v."""
-    pid = tl.program_id(0)
-    rows = pid * BT + tl.arange(0, BT)
-    r_ok = rows < T
-    offs_e = tl.arange(0, BE)
-    e_ok = offs_e < E
+def _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, k_start, k_stop,
+                  BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """<x, g_j> and <x, u_j> over columns [k_start, k_stop) of d: two [BT, BE] float32 blocks."""
     acc_g = tl.zeros((BT, BE), tl.float32)
     acc_u = tl.zeros((BT, BE), tl.float32)
-    for k0 in range(0, d, BK):
+    for k0 in range(k_start, k_stop, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < d
         xk = tl.load(x_ptr + rows[:, None].to(tl.int64) * d + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
@@ -373,7 +381,14 @@ def _route_kernel(
                 xk, gk, uk = xk.to(tl.float32), gk.to(tl.float32), uk.to(tl.float32)
             acc_g = tl.dot(xk, gk, acc_g)
             acc_u = tl.dot(xk, uk, acc_u)
-    s = tl.abs(acc_u * _act(acc_g, ACT))
+    return acc_g, acc_u
+
+
+@triton.jit
+def _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E,
+                  A: tl.constexpr, ACT: tl.constexpr, BE: tl.constexpr):
+    """scores |u * act(g)| -> p = softmax, top-A of p + b (first index on ties), weights 1 + p * v."""
+    s = tl.abs(u * _act(g, ACT))
     s = tl.where(e_ok[None, :], s, float("-inf"))
     s = tl.exp(s - tl.max(s, 1)[:, None])
     p = s / tl.sum(s, 1)[:, None]  # [BT, BE]
@@ -382,7 +397,7 @@ def _route_kernel(
     sel = tl.where(e_ok[None, :], p + b[None, :], float("-inf"))
     for k in tl.static_range(A):
         best = tl.max(sel, 1)
-        j = tl.min(tl.where(sel == best[:, None], offs_e[None, :], BE), 1)  # first index of the max
+        j = tl.min(tl.where(sel == best[:, None], offs_e[None, :], BE), 1)
         hit = offs_e[None, :] == j[:, None]
         pj = tl.sum(tl.where(hit, p, 0.0), 1)
         vj = tl.load(scale_ptr + j, mask=r_ok & (j < E), other=0.0).to(tl.float32)
@@ -392,85 +407,62 @@ def _route_kernel(
 
 
 @triton.jit
-def _route_splitk_kernel(
-    x_ptr, g_ptr, u_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, acc_ptr, cnt_ptr,
-    T, d, E, rows_pad, KPER,
+def _route_kernel(
+    x_ptr, g_ptr, u_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr,  # x [T, d]; g, u [E, d]; idx, wt [T, A]; p [T, E]
+    T, d, E,
     A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-    SPLITS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Few tokens: the d-reduction is split over SPLITS programs per token tile; partial scores
-    are added atomically into a scratch [2, rows_pad, BE] (float32), and the last program of
-    the tile (atomic counter) reads them back (resetting scratch and counter for the next call)
-    and does the softmax and top-a."""
+    """Many tokens: the analytical router (method.md section 5) in one pass per tile of BT tokens."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    r_ok = rows < T
+    offs_e = tl.arange(0, BE)
+    e_ok = offs_e < E
+    g, u = _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, 0, d, BT, BE, BK, UPCAST, IEEE)
+    _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E, A, ACT, BE)
+
+
+@triton.jit
+def _route_partial_kernel(
+    x_ptr, g_ptr, u_ptr, part_ptr,  # part [SPLITS, 2, rows_pad, BE] float32
+    T, d, rows_pad, E, KPER,
+    BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Few tokens: partial scores over one slice of d (programs: token tiles x slices of d)."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rows = tile * BT + tl.arange(0, BT)
     r_ok = rows < T
     offs_e = tl.arange(0, BE)
     e_ok = offs_e < E
-    acc_g = tl.zeros((BT, BE), tl.float32)
-    acc_u = tl.zeros((BT, BE), tl.float32)
-    for k0 in range(split * KPER, split * KPER + KPER, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_ok = offs_k < d
-        xk = tl.load(x_ptr + rows[:, None].to(tl.int64) * d + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        mk = k_ok[:, None] & e_ok[None, :]
-        gk = tl.load(g_ptr + offs_e[None, :] * d + offs_k[:, None], mask=mk, other=0.0)
-        uk = tl.load(u_ptr + offs_e[None, :] * d + offs_k[:, None], mask=mk, other=0.0)
-        if IEEE:
-            xk, gk, uk = xk.to(tl.float32), gk.to(tl.float32), uk.to(tl.float32)
-            acc_g = tl.dot(xk, gk, acc_g, input_precision="ieee")
-            acc_u = tl.dot(xk, uk, acc_u, input_precision="ieee")
-        else:
-            if UPCAST:
-                xk, gk, uk = xk.to(tl.float32), gk.to(tl.float32), uk.to(tl.float32)
-            acc_g = tl.dot(xk, gk, acc_g)
-            acc_u = tl.dot(xk, uk, acc_u)
-    ptr_g = acc_ptr + rows[:, None] * BE + offs_e[None, :]
-    ptr_u = ptr_g + rows_pad * BE
-    tl.atomic_add(ptr_g, acc_g, sem="release")
-    tl.atomic_add(ptr_u, acc_u, sem="release")
-    tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-    if done == SPLITS - 1:
-        zero = tl.zeros((BT, BE), tl.float32)
-        g = tl.atomic_add(ptr_g, zero, sem="acquire")  # read at L2, after every split's add
-        u = tl.atomic_add(ptr_u, zero, sem="acquire")
-        tl.store(ptr_g, zero)  # leave the scratch zeroed for the next call
-        tl.store(ptr_u, zero)
-        tl.store(cnt_ptr + tile, 0)
-        s = tl.abs(u * _act(g, ACT))
-        s = tl.where(e_ok[None, :], s, float("-inf"))
-        s = tl.exp(s - tl.max(s, 1)[:, None])
-        p = s / tl.sum(s, 1)[:, None]
-        tl.store(p_ptr + rows[:, None] * E + offs_e[None, :], p, mask=r_ok[:, None] & e_ok[None, :])
-        b = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-        sel = tl.where(e_ok[None, :], p + b[None, :], float("-inf"))
-        for k in tl.static_range(A):
-            best = tl.max(sel, 1)
-            j = tl.min(tl.where(sel == best[:, None], offs_e[None, :], BE), 1)
-            hit = offs_e[None, :] == j[:, None]
-            pj = tl.sum(tl.where(hit, p, 0.0), 1)
-            vj = tl.load(scale_ptr + j, mask=r_ok & (j < E), other=0.0).to(tl.float32)
-            tl.store(idx_ptr + rows * A + k, j.to(tl.int64), mask=r_ok)
-            tl.store(wt_ptr + rows * A + k, 1.0 + pj * vj, mask=r_ok)
-            sel = tl.where(hit, float("-inf"), sel)
+    g, u = _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, split * KPER, split * KPER + KPER, BT, BE, BK, UPCAST, IEEE)
+    out = part_ptr + split * 2 * rows_pad * BE + rows[:, None] * BE + offs_e[None, :]
+    tl.store(out, g)
+    tl.store(out + rows_pad * BE, u)
 
 
-_ROUTE_SCRATCH: dict = {}
-ROUTE_SPLITK_MAX_TOKENS = 256  # up to this many tokens: the split-d router
-ROUTE_SPLITK_BK = 256  # columns of d per program
+@triton.jit
+def _route_reduce_kernel(
+    part_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr,
+    T, rows_pad, E, SPLITS,
+    A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+):
+    """Few tokens: sum the partial scores of every slice (fixed order: deterministic), then finish."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    r_ok = rows < T
+    offs_e = tl.arange(0, BE)
+    e_ok = offs_e < E
+    g = tl.zeros((BT, BE), tl.float32)
+    u = tl.zeros((BT, BE), tl.float32)
+    ptr = part_ptr + rows[:, None] * BE + offs_e[None, :]
+    for sp in range(SPLITS):
+        g += tl.load(ptr + sp * 2 * rows_pad * BE)
+        u += tl.load(ptr + sp * 2 * rows_pad * BE + rows_pad * BE)
+    _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E, A, ACT, BE)
 
 
-def _route_scratch(device, rows_pad: int, be: int, tiles: int):
-    """Persistent zeroed scratch (kept zero by the kernel itself) for the split-d router."""
-    key = (str(device), rows_pad, be)
-    if key not in _ROUTE_SCRATCH:
-        _ROUTE_SCRATCH[key] = (
-            torch.zeros(2, rows_pad, be, device=device, dtype=torch.float32),
-            torch.zeros(tiles, device=device, dtype=torch.int32),
-        )
-    return _ROUTE_SCRATCH[key]
+ROUTE_SPLIT_MAX_TOKENS = 256  # up to this many tokens: scores split over slices of d (two kernels)
+ROUTE_SPLIT_K = 256  # columns of d per slice
 
 
 @torch.library.custom_op("cmoe::triton_route", mutates_args=())
@@ -487,24 +479,26 @@ def triton_route_op(
     x, gate, up = x.contiguous(), gate.contiguous(), up.contiguous()
     ieee = gate.dtype == torch.float32 or x.dtype == torch.float32 or gate.dtype != x.dtype
     be = max(16, triton.next_power_of_2(E))
-    if T <= ROUTE_SPLITK_MAX_TOKENS:
+    upcast = _INTERPRET and not ieee
+    code = _ACT_CODE[act]
+    if T <= ROUTE_SPLIT_MAX_TOKENS:
         bt = 16
         tiles = triton.cdiv(T, bt)
         bk = 64 if _INTERPRET else 128
-        kper = triton.cdiv(ROUTE_SPLITK_BK, bk) * bk
+        kper = triton.cdiv(ROUTE_SPLIT_K, bk) * bk
         splits = triton.cdiv(d, kper)
-        acc, cnt = _route_scratch(x.device, tiles * bt, be, tiles)
-        _route_splitk_kernel[(tiles, splits)](
-            x, gate, up, bias, scale, idx, wt, p, acc, cnt, T, d, E, tiles * bt, kper,
-            A=top_k, ACT=_ACT_CODE[act], BT=bt, BE=be, BK=bk, SPLITS=splits,
-            UPCAST=_INTERPRET and not ieee, IEEE=ieee, num_warps=4,
+        part = torch.empty(splits, 2, tiles * bt, be, device=x.device, dtype=torch.float32)
+        _route_partial_kernel[(tiles, splits)](
+            x, gate, up, part, T, d, tiles * bt, E, kper, BT=bt, BE=be, BK=bk, UPCAST=upcast, IEEE=ieee, num_warps=4
+        )
+        _route_reduce_kernel[(tiles,)](
+            part, bias, scale, idx, wt, p, T, tiles * bt, E, splits, A=top_k, ACT=code, BT=bt, BE=be, num_warps=4
         )
         return idx, wt, p
     bt = 64
     _route_kernel[(triton.cdiv(T, bt),)](
         x, gate, up, bias, scale, idx, wt, p, T, d, E,
-        A=top_k, ACT=_ACT_CODE[act], BT=bt, BE=be, BK=64,
-        UPCAST=_INTERPRET and not ieee, IEEE=ieee, num_warps=4,
+        A=top_k, ACT=code, BT=bt, BE=be, BK=64, UPCAST=upcast, IEEE=ieee, num_warps=4,
     )
     return idx, wt, p
 
