@@ -15,11 +15,10 @@ import copy
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
+from _tokens import add_args, get_tokens
 
 import cmoe
-from cmoe import data, evaluate
-from cmoe.loading import load_tokenizer
+from cmoe import evaluate
 
 # the core issue's reference numbers for the paper's algorithm (same protocol, other calibration draws)
 REFERENCE = {("dense", "wiki"): 19.64, ("S3A3E8", "wiki"): 41.69, ("S2A2E8", "wiki"): 164.8,
@@ -29,33 +28,18 @@ REFERENCE = {("dense", "wiki"): 19.64, ("S3A3E8", "wiki"): 41.69, ("S2A2E8", "wi
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="S3A3E8,S2A2E8,S1A1E8,S2A2E16")
-    p.add_argument("--sources", default="wiki,c4,ptb")
-    p.add_argument("--calib", default="wiki")
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--model", default="smollm2", help="model to load (default: the built-in SmolLM2 GGUF)")
-    p.add_argument("--save-tokens", help="only write the calibration ids and eval windows to this safetensors file")
-    p.add_argument("--tokens", help="read calibration ids and eval windows from this file (no tokenizer, no text)")
+    p.add_argument("--recipe", default="paper", help="conversion recipe (default: the paper's algorithm)")
+    add_args(p)
     args = p.parse_args(argv)
 
     sources = args.sources.split(",")
-    if args.tokens:
-        saved = load_file(args.tokens)
-        ids, windows = saved["calib"], {s: saved[f"eval.{s}"] for s in sources}
-    else:
-        tok = load_tokenizer(args.model)
-        windows = {s: data.eval_windows(tok, s, args.seqlen, args.windows) for s in sources}
-        ids = data.calibration_tokens(tok, args.calib, args.samples, args.seqlen)
-    if args.save_tokens:
-        save_file({"calib": ids.contiguous(), **{f"eval.{s}": w.contiguous() for s, w in windows.items()}}, args.save_tokens)
-        return
+    calib, windows = get_tokens(args)
+    ids = calib["calib"]
     dense, _ = cmoe.load_model(args.model, dtype="float32", device=args.device)
     rows = [("dense", 0.0, {s: evaluate.perplexity(dense, w, desc=f"dense {s}") for s, w in windows.items()})]
     for name in args.configs.split(","):
         model = copy.deepcopy(dense)
-        cfg = cmoe.CMoEConfig.parse(name, calib_samples=args.samples, calib_seqlen=args.seqlen)
+        cfg = cmoe.CMoEConfig.parse(name, calib_samples=args.samples, calib_seqlen=args.seqlen, recipe=args.recipe)
         t0 = time.perf_counter()
         cmoe.convert_(model, cfg, ids, device=args.device)
         seconds = time.perf_counter() - t0

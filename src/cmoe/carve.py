@@ -1,22 +1,29 @@
-"""Carve one dense FFN into a CMoE layer (method.md sections 3-5).
+"""Carve one dense FFN into a CMoE layer (method.md sections 3-5, and issue 5's recipes).
 
-shared expert = the s*m neurons with the highest activation rates; routed experts = balanced
-k-means of the remaining neurons' marker columns; analytical router = the normalised gate/up
-rows of each cluster's representative neuron.
+features "markers" (the paper): shared expert = the s*m neurons with the highest activation
+rates; routed experts = balanced k-means of the remaining neurons' marker columns.
+features "contrib": see ``cmoe.partition`` (output-contribution energy and co-activation).
+router "analytical" (the paper): the normalised gate/up rows of each cluster's representative
+neuron; "linear": ridge regression from the FFN input to each routed expert's output norm
+(``cmoe.routing``). Every layer reports its router's top-a agreement with the oracle (the a
+experts of largest output norm) on the calibration tokens.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import partition as contrib_partition
 from .analysis import Markers, atopk_markers
 from .clustering import balanced_kmeans, shared_and_candidates
 from .config import CMoEConfig
 from .families import FFNWeights
 from .moe import CMoEMLP, MoELayerSpec
+from .routing import expert_output_norms, fit_linear_router, topk_agreement
 
 
 @dataclass
@@ -26,15 +33,19 @@ class CarveStats:
     shared_rate: float  # mean activation rate of the shared neurons
     routed_rate: float  # mean activation rate of the routed neurons
     assignment_cost: float
-    cohesion: float
+    cohesion: float  # markers: mean L1 to the centroid / T (lower is better); contrib: mean cosine (higher)
     kmeans_iters: int
+    router_agreement: float = math.nan  # mean |top-a(router) & top-a(oracle)| / a on calibration tokens
+    shared_size: int = 0
+    num_experts: int = 0
+    top_k: int = 0
 
 
 @dataclass
 class Partition:
     shared: torch.Tensor  # [ms] neuron ids
     members: torch.Tensor  # [k, m] neuron ids of each routed expert
-    representatives: torch.Tensor  # [k] neuron id of each routed expert's representative
+    representatives: torch.Tensor | None  # [k] neuron id of each routed expert's representative
 
 
 def partition(markers: Markers, f: int, cfg: CMoEConfig) -> tuple[Partition, CarveStats]:
@@ -45,7 +56,7 @@ def partition(markers: Markers, f: int, cfg: CMoEConfig) -> tuple[Partition, Car
         empty = torch.empty(0, m, dtype=torch.long)
         part = Partition(shared, empty, torch.empty(0, dtype=torch.long))
         return part, CarveStats(markers.rates[shared].mean().item(), 0.0, 0.0, 0.0, 0)
-    res = balanced_kmeans(markers.topk_idx, f, candidates, markers.rates, k, iters=cfg.kmeans_iters)
+    res = balanced_kmeans(markers.topk_idx, f, candidates, markers.rates, k, iters=cfg.kmeans_iters or None)
     part = Partition(shared, res.members, res.representatives)
     stats = CarveStats(
         shared_rate=markers.rates[shared].mean().item() if shared.numel() else 0.0,
@@ -78,17 +89,59 @@ def build_moe(w: FFNWeights, part: Partition, cfg: CMoEConfig, dtype: torch.dtyp
     mem = part.members.to(w.gate.device)  # [k, m]
     moe.experts.gate_up_proj.copy_(torch.cat([w.gate[mem], w.up[mem]], dim=1))  # [k, 2m, d]
     moe.experts.down_proj.copy_(w.down[:, mem].permute(1, 0, 2))  # [k, d, m]
-    reps = part.representatives.to(w.gate.device)
+    reps = None if part.representatives is None else part.representatives.to(w.gate.device)
     if spec.num_experts and cfg.router == "analytical":
+        if reps is None:
+            raise ValueError("the analytical router needs representative neurons (features='markers')")
         moe.router.gate.copy_(F.normalize(w.gate[reps].float(), dim=-1))
         moe.router.up.copy_(F.normalize(w.up[reps].float(), dim=-1))
     moe.neuron_index.copy_(torch.cat([sh, mem.reshape(-1)]).to(torch.int32))
     return moe
 
 
+def partition_contrib(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[Partition, CarveStats]:
+    f = w.intermediate_size
+    m = f // cfg.experts
+    k = cfg.experts - cfg.shared
+    contrib = contrib_partition.contributions(x, w)  # [T, f]
+    fp = contrib_partition.feature_partition(
+        contrib, cfg.shared * m, k, iters=cfg.kmeans_iters or None, max_tokens=cfg.cluster_tokens
+    )
+    del contrib
+    members = fp.members if k else torch.empty(0, m, dtype=torch.long)
+    reps = None
+    if cfg.router == "analytical" and k:  # representative: the member of highest mean activation rate
+        rates = atopk_markers(x, w, cfg.k_act).rates
+        reps = members.gather(1, rates[members].argmax(1, keepdim=True)).squeeze(1)
+    part = Partition(fp.shared, members, reps)
+    stats = CarveStats(math.nan, math.nan, math.nan, fp.cohesion, fp.iterations)
+    return part, stats
+
+
+@torch.no_grad()
+def fit_router(moe: CMoEMLP, x: torch.Tensor, cfg: CMoEConfig) -> float:
+    """Fit the linear router (if any) on the calibration inputs x [T, d]; return the router's
+    top-a agreement with the oracle on those tokens."""
+    spec = moe.spec
+    if spec.num_experts == 0 or spec.top_k == 0:
+        return 1.0
+    norms = expert_output_norms(x, moe.experts.gate_up_proj, moe.experts.down_proj, spec.act)  # [T, E]
+    if cfg.router == "linear":
+        moe.router.weight.copy_(fit_linear_router(x, norms, cfg.ridge))
+    scores = torch.cat([moe.router.scores(xc) for xc in x.split(4096)])  # [T, E]
+    return topk_agreement(scores, norms, spec.top_k)
+
+
 def carve(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[CMoEMLP, CarveStats]:
-    """Dense FFN weights + its calibration inputs x [T, d] -> CMoE layer."""
+    """Dense FFN weights + its calibration inputs x [T, d] -> CMoE layer.
+
+    ``cfg``'s S/A/E are this layer's (``cmoe.allocation`` gives each layer its own)."""
     cfg.check_layer(w.intermediate_size)
-    markers = atopk_markers(x, w, cfg.k_act)
-    part, stats = partition(markers, w.intermediate_size, cfg)
-    return build_moe(w, part, cfg, dtype=w.gate.dtype), stats
+    if cfg.features == "markers":
+        part, stats = partition(atopk_markers(x, w, cfg.k_act), w.intermediate_size, cfg)
+    else:
+        part, stats = partition_contrib(w, x, cfg)
+    moe = build_moe(w, part, cfg, dtype=w.gate.dtype)
+    stats.router_agreement = fit_router(moe, x, cfg)
+    stats.shared_size, stats.num_experts, stats.top_k = moe.spec.shared_size, moe.spec.num_experts, moe.spec.top_k
+    return moe, stats

@@ -34,7 +34,16 @@ def _add_convert(sub) -> None:
     p.add_argument("--samples", type=int, default=8, help="calibration sequences (default 8)")
     p.add_argument("--seqlen", type=int, default=2048, help="calibration sequence length (default 2048)")
     p.add_argument("--k-act", type=int, default=10, help="K_a of the ATopK markers (default 10)")
-    p.add_argument("--kmeans-iters", type=int, default=1, help="balanced k-means iterations; 0 = to convergence")
+    p.add_argument("--kmeans-iters", type=int, default=None, help="balanced k-means iterations; 0 = to convergence (default: the recipe's)")
+    p.add_argument("--recipe", default=None, help="algorithm bundle: plus (default: contribution features, "
+                   "k-means to convergence, fitted linear router) or paper (the paper's algorithm exactly)")
+    p.add_argument("--router", default=None, help="analytical or linear (ridge-fitted to expert output norms); default: the recipe's")
+    p.add_argument("--features", default=None, help="neuron features for the partition: markers (paper) or contrib; default: the recipe's")
+    p.add_argument("--ridge", type=float, default=None, help="linear router ridge strength (default 1e-2)")
+    p.add_argument("--budget", type=float, default=None, help="model-wide activated FFN fraction spread over layers by "
+                   "measured sensitivity (e.g. 0.5; --config then only sets the number of experts)")
+    p.add_argument("--min-active", type=float, default=None, help="with --budget: lowest activated fraction of a layer (default 0.125)")
+    p.add_argument("--max-active", type=float, default=None, help="with --budget: highest activated fraction of a layer (default 1: dense)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder for the checkpoint (refuses a non-empty one without --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
@@ -55,9 +64,10 @@ def cmd_convert(args) -> None:
         console.print("[bold]cmoe demo[/]: SmolLM2-135M-Instruct, calibration on the wiki sample, "
                       f"{args.config}, then dense vs converted perplexity")
     eval_sources = _csv(args.eval if args.eval is not None else ("wiki,c4" if demo else ""))
+    algo = {k: getattr(args, k) for k in ("recipe", "router", "features", "ridge", "budget", "min_active",
+                                           "max_active", "kmeans_iters") if getattr(args, k) is not None}
     cfg = CMoEConfig.parse(
-        args.config, k_act=args.k_act, calib_samples=args.samples, calib_seqlen=args.seqlen,
-        kmeans_iters=args.kmeans_iters or None, seed=args.seed,
+        args.config, k_act=args.k_act, calib_samples=args.samples, calib_seqlen=args.seqlen, seed=args.seed, **algo
     )
     t0 = time.perf_counter()
     result = pipeline.convert(
@@ -129,6 +139,7 @@ def cmd_eval(args) -> None:
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="experts, sizes and activated fractions of a cmoe checkpoint")
     p.add_argument("path", metavar="DIR")
+    p.add_argument("--plot", metavar="PNG", help="save a bar chart of the per-layer allocation to this PNG file")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -141,10 +152,16 @@ def cmd_inspect(args) -> None:
     report_path = Path(args.path) / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     cfg = model.config.cmoe
-    console.print(f"{args.path}: {model.config.model_type}, {cfg['config']['shared']}/{cfg['config']['active']}/"
-                  f"{cfg['config']['experts']} (shared/active/experts), source {cfg.get('source', {})}")
+    c = cfg["config"]
+    console.print(f"{args.path}: {model.config.model_type}, {c['shared']}/{c['active']}/"
+                  f"{c['experts']} (shared/active/experts), source {cfg.get('source', {})}, recipe {c.get('recipe', 'paper')}"
+                  + (f", budget {c['budget']}" if c.get("budget") is not None else ""))
     console.print(render(layer_table(model, report)))
     console.print(render(summary_table(model)))
+    if args.plot:
+        from .allocation import plot_allocation
+
+        console.print(f"allocation plot saved to {plot_allocation(cfg['layers'], args.plot, title=str(args.path))}")
 
 
 COMMANDS = [_add_convert, _add_eval, _add_inspect]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 _PRESET = re.compile(r"^S(\d+)A(\d+)E(\d+)$", re.IGNORECASE)
 
@@ -12,12 +12,32 @@ class ConfigError(ValueError):
     """A conversion setting is invalid; the message says which and how to fix it."""
 
 
+# Named bundles of algorithm choices. A field left at None in CMoEConfig takes its recipe's value.
+#   paper: method.md exactly (ATopK markers, one k-means step, analytical router).
+#   plus:  issue 5: neurons described by their output contribution |h_i| |W_down[:, i]|,
+#          balanced k-means to convergence, closed-form ridge linear router.
+RECIPES: dict[str, dict] = {
+    "paper": dict(features="markers", kmeans_iters=1, router="analytical"),
+    "plus": dict(features="contrib", kmeans_iters=0, router="linear"),
+}
+DEFAULT_RECIPE = "paper"
+FEATURES = ("markers", "contrib")
+
+
 @dataclass(frozen=True)
 class CMoEConfig:
     """How to carve each FFN.
 
     ``shared`` of ``experts`` equal groups of neurons form the always-on shared expert;
     ``active`` of the other ``experts - shared`` routed experts are chosen per token.
+
+    ``recipe`` ("paper" or "plus", see ``RECIPES``) fills every algorithm field left at None:
+    ``features`` ("markers": the paper's binary ATopK columns; "contrib": per-token output
+    contribution of each neuron), ``kmeans_iters`` (0: until the assignment stops changing),
+    ``router`` ("analytical" or "linear": ridge-fitted to the experts' output norms).
+    ``budget``: activated fraction of all FFN neurons of the model, spread over the layers by
+    measured sensitivity (None: every layer S{s}A{a}E{e}; see ``cmoe.allocation``);
+    ``min_active``/``max_active`` bound each layer's activated fraction under a budget.
     """
 
     shared: int = 3
@@ -26,11 +46,35 @@ class CMoEConfig:
     k_act: int = 10  # K_a of the ATopK markers
     calib_samples: int = 8
     calib_seqlen: int = 2048
-    kmeans_iters: int | None = 1  # None: iterate until the assignment stops changing
+    kmeans_iters: int | None = None  # 0: iterate until the assignment stops changing
     seed: int = 0
-    router: str = "analytical"
+    router: str | None = None
+    recipe: str = DEFAULT_RECIPE
+    features: str | None = None
+    ridge: float = 1e-2  # linear router: ridge strength relative to the mean diagonal of x^T x
+    cluster_tokens: int = 4096  # "contrib" features: tokens (evenly strided) used for clustering
+    budget: float | None = None
+    min_active: float = 0.125
+    max_active: float = 1.0
 
     def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; available: {sorted(RECIPES)}")
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        from .moe import ROUTERS
+
+        if self.router not in ROUTERS:
+            raise ConfigError(f"unknown router {self.router!r}; available: {sorted(ROUTERS)}")
+        if self.features not in FEATURES:
+            raise ConfigError(f"unknown features {self.features!r}; available: {list(FEATURES)}")
+        if self.ridge < 0 or self.cluster_tokens < 1:
+            raise ConfigError(f"ridge={self.ridge} must be >= 0 and cluster_tokens={self.cluster_tokens} >= 1")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ConfigError(f"budget={self.budget} must be an activated fraction in (0, 1]")
+        if not 0 < self.min_active <= self.max_active <= 1:
+            raise ConfigError(f"need 0 < min_active={self.min_active} <= max_active={self.max_active} <= 1")
         if self.experts < 1:
             raise ConfigError(f"experts must be >= 1, got {self.experts}")
         if not 0 <= self.shared <= self.experts:
@@ -47,8 +91,8 @@ class CMoEConfig:
             raise ConfigError(
                 f"need at least 1 calibration sample of >= 2 tokens, got {self.calib_samples} x {self.calib_seqlen}"
             )
-        if self.kmeans_iters is not None and self.kmeans_iters < 1:
-            raise ConfigError(f"kmeans_iters must be >= 1 or None (to convergence), got {self.kmeans_iters}")
+        if self.kmeans_iters < 0:
+            raise ConfigError(f"kmeans_iters must be >= 1, or 0 (to convergence), got {self.kmeans_iters}")
 
     @classmethod
     def parse(cls, name: str, **overrides) -> "CMoEConfig":
@@ -65,7 +109,14 @@ class CMoEConfig:
 
     @property
     def active_fraction(self) -> float:
-        return (self.shared + self.active) / self.experts
+        """The model-wide activated fraction of FFN neurons: the budget, or (s + a) / e."""
+        return self.budget if self.budget is not None else (self.shared + self.active) / self.experts
+
+    @property
+    def label(self) -> str:
+        """e.g. "S3A3E8 plus", "E8 plus budget 0.5"."""
+        base = self.name if self.budget is None else f"E{self.experts} budget {self.budget:g}"
+        return f"{base} {self.recipe}"
 
     def check_layer(self, intermediate_size: int) -> None:
         """Settings that depend on the FFN width f."""
@@ -84,3 +135,14 @@ class CMoEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CMoEConfig":
+        """Inverse of ``to_dict``; keys this version does not know are ignored. A dict saved before
+        recipes existed is the paper's algorithm (kmeans_iters None meant "to convergence")."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "recipe" not in d:
+            d["recipe"] = "paper"
+            d["kmeans_iters"] = 0 if d.get("kmeans_iters", 1) is None else d.get("kmeans_iters", 1)
+        return cls(**d)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import allocation
 from .carve import CarveStats, carve
 from .config import CMoEConfig, ConfigError
 from .families import family_of
@@ -38,6 +39,7 @@ class ConversionReport:
     seconds: float = 0.0
     peak_memory_bytes: int = 0  # on the compute device (CUDA) or process max RSS (CPU)
     layers: list[LayerReport] = field(default_factory=list)
+    sensitivity: list[list[float]] | None = None  # with a budget: cost [L][k] of k active units
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,6 +121,47 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _ffn_inputs(layer, mlp, hidden, args, kwargs, device, batch_size):
+    """Run ``layer`` up to its FFN on ``hidden [N, S, d]``: the FFN inputs [N*S, d] on ``device``."""
+    ffn_inputs = []
+
+    def grab(module, inp):
+        ffn_inputs.append(inp[0].reshape(-1, inp[0].shape[-1]))
+        raise _Stop
+
+    handle = mlp.register_forward_pre_hook(grab)
+    try:
+        for h in hidden.split(batch_size):
+            try:
+                layer(h.to(device), *args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(ffn_inputs)
+
+
+SENSITIVITY_SAMPLES = 2  # calibration sequences of the dense pass that measures layer sensitivity
+
+
+@torch.no_grad()
+def _sensitivity_pass(model, family, layers, hidden, calls, config, device, batch_size) -> torch.Tensor:
+    """Dense pass over a few calibration sequences: costs [L, e + 1] (``cmoe.allocation``)."""
+    hidden = hidden[:SENSITIVITY_SAMPLES]
+    costs = []
+    for i, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        args, kwargs = _to(calls[i], device)
+        mlp = getattr(layer, family.mlp_attr)
+        x = _ffn_inputs(layer, mlp, hidden, args, kwargs, device, batch_size)
+        hidden = torch.cat([_first(layer(h.to(device), *args, **kwargs)).to("cpu") for h in hidden.split(batch_size)])
+        energy = hidden.float().pow(2).sum(-1).mean().item()
+        costs.append(allocation.sensitivity(x, family.read(mlp, model.config), energy, config.experts).cpu())
+        layer.to(home)
+    return torch.stack(costs)
+
+
 @torch.no_grad()
 def convert_(
     model: nn.Module,
@@ -143,6 +186,8 @@ def convert_(
         if isinstance(mlp, CMoEMLP):
             raise ConfigError("the model is already converted")
         config.check_layer(family.read(mlp, model.config).intermediate_size)
+    if config.budget is not None:  # fail before any work
+        allocation.allocate(torch.zeros(len(layers), config.experts + 1), config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -152,6 +197,11 @@ def convert_(
 
     store = "cpu"
     hidden, calls = _record_layer_calls(model, layers, calib_ids, store)  # [N, S, d]
+    plan = [config] * len(layers)
+    if config.budget is not None:
+        report.sensitivity = _sensitivity_pass(model, family, layers, hidden, calls, config, device, batch_size).tolist()
+        plan = [config.replace(shared=a.shared, active=a.active, budget=None)
+                for a in allocation.allocate(torch.tensor(report.sensitivity), config)]
     specs = []
     bar = tqdm(layers, desc=f"convert {config.name}", unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
@@ -171,7 +221,7 @@ def convert_(
         del probe
 
         weights = family.read(mlp, model.config)
-        moe, stats = carve(weights, x, config)
+        moe, stats = carve(weights, x, plan[i])
         setattr(layer, family.mlp_attr, moe)
         del mlp, weights
         sizes = [r.numel() // r.shape[-1] for r in residual]
@@ -182,7 +232,7 @@ def convert_(
         layer.to(home)
         specs.append(moe.spec.to_dict())
         report.layers.append(LayerReport(i, time.perf_counter() - t0, stats))
-        bar.set_postfix(cost=f"{stats.assignment_cost:.3g}")
+        bar.set_postfix(agree=f"{stats.router_agreement:.2f}", coh=f"{stats.cohesion:.3g}")
 
     model.config.cmoe = {"config": config.to_dict(), "layers": specs}
     report.seconds = time.perf_counter() - start

@@ -54,7 +54,7 @@ def layer_table(model: nn.Module, report: dict | None = None) -> Table:
         table.add_column(col, justify="right")
     stats = {r["layer"]: r for r in (report or {}).get("layers", [])}
     if stats:
-        for col in ("shared rate", "routed rate", "assign cost", "cohesion", "seconds"):
+        for col in ("shared rate", "routed rate", "assign cost", "cohesion", "router/oracle top-a", "seconds"):
             table.add_column(col, justify="right")
     for i, moe in enumerate(moe_layers(model)):
         s = moe.spec
@@ -63,7 +63,8 @@ def layer_table(model: nn.Module, report: dict | None = None) -> Table:
         if i in stats:
             st = stats[i]["stats"]
             row += [f"{st['shared_rate']:.4f}", f"{st['routed_rate']:.4f}", f"{st['assignment_cost']:.4g}",
-                    f"{st['cohesion']:.4f}", f"{stats[i]['seconds']:.2f}"]
+                    f"{st['cohesion']:.4f}", f"{st.get('router_agreement', float('nan')):.3f}",
+                    f"{stats[i]['seconds']:.2f}"]
         table.add_row(*row)
     return table
 
