@@ -45,7 +45,7 @@ def rel_err(out, ref):
 
 
 # ----------------------------------------------------------------------------- torch paths (no Triton)
-@pytest.mark.parametrize("impl", ["gather", "grouped"])
+@pytest.mark.parametrize("impl", ["gather", "grouped", "select"])
 @pytest.mark.parametrize("T,a", [(1, 1), (3, 2), (17, 3)])
 def test_torch_paths_match_loop(impl, T, a):
     x, idx, w, gu, dn = problem(T, a, E=5, dtype=torch.float32)

@@ -58,6 +58,17 @@ def gather_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     return (y * weight[..., None].to(y.dtype)).sum(1)
 
 
+@register("select")
+def select_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
+    """Few tokens on the CPU: multiply by the chosen experts' weights in place (views, no
+    copies); reads the routing on the host, so not for CUDA graphs or torch.compile."""
+    out = torch.zeros_like(x)
+    for t, (experts, weights) in enumerate(zip(idx.tolist(), weight.tolist())):
+        for e, w in zip(experts, weights):
+            out[t] += (_glu(x[t] @ gate_up[e].T, act) @ down[e].T) * w
+    return out
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs)
@@ -101,9 +112,12 @@ def default_impl(x: torch.Tensor) -> str:
     return _torch_impl(x)
 
 
-def _torch_impl(x: torch.Tensor) -> str:
+def _torch_impl(x: torch.Tensor, grad: bool = False) -> str:
+    """Torch implementations; ``grad``: one that passes gradients to the routing weights."""
     if x.is_cuda:
         return "grouped" if x.dtype == torch.bfloat16 else "gather" if x.shape[0] <= 8 else "loop"
+    if x.shape[0] <= 4 and not grad and not torch.compiler.is_compiling():
+        return "select"  # decode on the CPU
     return "gather" if x.shape[0] <= 2 else "grouped"
 
 
@@ -111,8 +125,9 @@ def run_experts(impl: str, x, idx, weight, gate_up, down, act: str) -> torch.Ten
     name = default_impl(x) if impl == "auto" else impl
     if name == "triton":
         _load_triton()
-        if impl == "auto" and torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, gate_up, down)):
-            name = _torch_impl(x)  # the Triton op has no backward
+    if impl == "auto" and name in ("triton", "select"):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, gate_up, down)):
+            name = _torch_impl(x, grad=True)  # neither has a backward to the routing weights
     try:
         fn = EXPERT_IMPLS[name]
     except KeyError:
