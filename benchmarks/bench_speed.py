@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo
 
 MODELS = {
     "llama2-7b": dict(
@@ -460,6 +461,7 @@ def main(argv=None) -> int:
             log(f"{name} {config}: built ({how}) in {time.perf_counter() - t0:.1f} s; weights {wb['total'] / 2**30:.2f} GiB")
             rows += bench_model(model, name, config, args, ceil, log)
             del model
+            torch._dynamo.reset()  # drop compiled graphs (and the CUDA graphs holding this model's memory)
             torch.cuda.empty_cache()
             report(rows, memory, ceil, dev, args.out, log=None, notes=notes)  # partial results, in case the run is cut
     report(rows, memory, ceil, dev, args.out, log=log, notes=notes)
