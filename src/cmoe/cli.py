@@ -164,7 +164,69 @@ def cmd_inspect(args) -> None:
         console.print(f"allocation plot saved to {plot_allocation(cfg['layers'], args.plot, title=str(args.path))}")
 
 
-COMMANDS = [_add_convert, _add_eval, _add_inspect]
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="LoRA fine-tuning of a cmoe checkpoint with the differentiable router; saves the merged model",
+        description="Recover quality lost by the conversion (method.md section 6): LoRA (r=8, alpha=32) on "
+        "q/k/v/o, the shared expert and every routed expert, the router scale v at its own learning rate, "
+        "and the load-balancing bias updated after each step. The LoRA is merged and the result saved to "
+        "--out as an ordinary cmoe checkpoint. A resumable state is kept next to --out (OUT.ft-state) "
+        "every --save-every steps; --resume continues an interrupted run from it.",
+    )
+    p.add_argument("path", metavar="DIR", help="a cmoe checkpoint (cmoe convert --out DIR)")
+    p.add_argument("--data", default="wiki", help="training text: wiki, c4, ptb, a+b mixtures, hf:NAME, file (calib split)")
+    p.add_argument("--samples", type=int, default=2048, help="training sequences (default 2048)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--out", required=True, help="output folder for the fine-tuned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.add_argument("--lr", type=float, help="LoRA learning rate (default 5.6e-5)")
+    p.add_argument("--router-lr", type=float, help="learning rate of the router scale v (default 1e-3)")
+    p.add_argument("--gamma", type=float, help="load-balancing bias step per optimizer step (default 1e-3; 0: off)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default 1)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward (default 1)")
+    p.add_argument("--grad-accum", type=int, help="forwards per optimizer step (default 1)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout on attention and shared expert (default 0.1)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute activations in backward")
+    p.add_argument("--save-every", type=int, help="optimizer steps between resumable states (default 100; 0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the state saved next to --out")
+    p.add_argument("--seed", type=int, help="data order, LoRA init and dropout (default 0)")
+    p.add_argument("--device", help="training device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", help="weights: bfloat16 on cuda, float32 on cpu by default")
+    p.add_argument("--eval", default="", help="then perplexity before vs after on these sources (e.g. wiki,c4,ptb)")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows per source (default 8)")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> None:
+    from . import evaluate
+    from .finetune import FinetuneConfig, finetune
+    from .loading import load_model
+
+    names = ["lr", "router_lr", "gamma", "epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha",
+             "lora_dropout", "grad_checkpointing", "save_every", "seed"]
+    cfg = FinetuneConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    result = finetune(args.path, data=args.data, samples=args.samples, seqlen=args.seqlen, out=args.out,
+                      config=cfg, resume=args.resume, overwrite=args.overwrite, device=args.device, dtype=args.dtype)
+    r = result.report
+    console.print(f"fine-tuned {r.steps} steps ({r.tokens:,} tokens, {r.trainable_parameters:,} trainable parameters) "
+                  f"in {r.seconds:.1f} s" + (f", resumed from step {r.resumed_from}" if r.resumed_from else ""))
+    if r.losses:
+        console.print(f"training loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}, "
+                      f"expert-load imbalance (max/mean) {r.imbalance[0]:.2f} -> {r.imbalance[-1]:.2f}")
+    console.print(f"saved to {result.out}")
+    sources = _csv(args.eval)
+    if sources:
+        before = load_model(args.path, dtype=args.dtype, device=args.device)[0]
+        models = {Path(args.path).name: before, Path(args.out).name: result.model}
+        ppl = evaluate.compare_perplexity(models, result.tokenizer, sources, seqlen=args.seqlen,
+                                          max_windows=args.eval_windows)
+        console.print(evaluate.format_table(ppl, title=f"held-out perplexity ({args.eval_windows} x {args.seqlen} tokens)"))
+
+
+COMMANDS = [_add_convert, _add_eval, _add_inspect, _add_finetune]
 
 
 def build_parser() -> argparse.ArgumentParser:
