@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,7 +158,8 @@ def test_merged_model_equals_unmerged(model):
 def test_short_finetune_lowers_training_loss_and_balances(model):
     ids = calib(8, 32, seed=8)
     before = model(input_ids=ids, labels=ids).loss.item()
-    report = ft.finetune_ids(model, ids, FinetuneConfig(epochs=4, batch_size=2, grad_accum=2, **FAST), progress=False, device="cpu")
+    cfg = FinetuneConfig(epochs=4, batch_size=2, grad_accum=2, **FAST)
+    report = ft.finetune_ids(model, ids, cfg, progress=False, device="cpu")
     after = model(input_ids=ids, labels=ids).loss.item()
     assert report.steps == 8 and report.tokens == 4 * 8 * 32 and len(report.losses) == 8
     assert after < 0.9 * before
@@ -196,13 +198,55 @@ def test_resume_reproduces_an_uninterrupted_run(base, tmp_path):
         assert torch.equal(t, full_sd[name]), name
 
 
+def test_interrupted_save_keeps_the_previous_state(model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def dies_while_writing(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the second save: half a file, then the process is killed
+            Path(path).write_bytes(b"half")
+            raise KeyboardInterrupt
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune_ids(model, calib(4, 16, seed=11), FinetuneConfig(save_every=1, **FAST), state_dir=tmp_path,
+                        progress=False, device="cpu")
+    assert [p.name for p in tmp_path.iterdir()] == [ft.STATE_FILE]
+    assert ft.read_state_meta(tmp_path / ft.STATE_FILE)["step"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_expert_implementation_backward_matches_loop(dtype):
+    """The implementation "auto" picks for training on the CPU ("grouped") has the loop's gradients."""
+    from cmoe.experts import default_impl, run_experts
+
+    grads = {}
+    for impl in ["loop", "auto"]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 32, generator=g).to(dtype).requires_grad_()
+        gate_up = (torch.randn(5, 16, 32, generator=g) * 0.2).to(dtype).requires_grad_()
+        down = (torch.randn(5, 32, 8, generator=g) * 0.2).to(dtype).requires_grad_()
+        idx = torch.randint(0, 5, (40, 2), generator=g)
+        weight = torch.rand(40, 2, generator=g).requires_grad_()
+        run_experts(impl, x, idx, weight, gate_up, down, "silu").float().square().sum().backward()
+        grads[impl] = [t.grad.float() for t in (x, gate_up, down, weight)]
+    assert default_impl(x) == "grouped"
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads["auto"], grads["loop"]):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_finetune_saves_a_checkpoint_that_reloads_exactly(tmp_path):
     tok = char_tokenizer()
     model = converted()
     text = tmp_path / "train.txt"
     text.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 40)
     out = tmp_path / "ft"
-    result = ft.finetune(model, tok, data=str(text), samples=4, seqlen=24, out=out, progress=False, device="cpu", **FAST)
+    result = ft.finetune(model, tok, data=str(text), samples=4, seqlen=24, out=out, progress=False, device="cpu",
+                         **FAST)
     assert result.out == out.resolve() and not ft.state_dir_for(out).exists()
     loaded = cmoe.load(out)
     ids = calib(2, 16, seed=10)
@@ -211,7 +255,8 @@ def test_finetune_saves_a_checkpoint_that_reloads_exactly(tmp_path):
     assert info["samples"] == 4 and info["steps"] == 4 and info["lr"] == FAST["lr"]
     assert len(json.loads((out / ft.FINETUNE_FILE).read_text())["losses"]) == 4
     # the saved folder is an ordinary cmoe checkpoint: fine-tune it again, by path
-    again = ft.finetune(str(out), data=str(text), samples=2, seqlen=24, out=tmp_path / "ft2", progress=False, device="cpu")
+    again = ft.finetune(str(out), data=str(text), samples=2, seqlen=24, out=tmp_path / "ft2", progress=False,
+                        device="cpu")
     assert again.report.steps == 2
 
 
@@ -252,9 +297,11 @@ def test_cli_finetune(tmp_path, capsys):
     text = tmp_path / "train.txt"
     text.write_text("Pack my box with five dozen liquor jugs.\n\n" * 40)
     rc = main(["finetune", str(src), "--data", str(text), "--samples", "4", "--seqlen", "24",
-               "--out", str(tmp_path / "ft"), "--batch-size", "2", "--lr", "1e-3", "--save-every", "1", "--device", "cpu"])
+               "--out", str(tmp_path / "ft"), "--batch-size", "2", "--lr", "1e-3", "--save-every", "1",
+               "--device", "cpu", "--eval", str(text), "--eval-windows", "1"])
     assert rc == 0 and cmoe.checkpoint.is_checkpoint(tmp_path / "ft")
-    assert "loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training loss" in printed and "held-out perplexity" in printed
     rc = main(["finetune", str(src), "--data", str(text), "--samples", "4", "--seqlen", "24",
                "--out", str(tmp_path / "ft")])
     assert rc == 2 and "not empty" in capsys.readouterr().out

@@ -219,7 +219,8 @@ def cmd_finetune(args) -> None:
     console.print(f"saved to {result.out}")
     sources = _csv(args.eval)
     if sources:
-        before = load_model(args.path, dtype=args.dtype, device=args.device)[0]
+        ref = next(result.model.parameters())  # evaluate both where and as the fine-tuned model is
+        before = load_model(args.path, dtype=ref.dtype, device=str(ref.device))[0]
         models = {Path(args.path).name: before, Path(args.out).name: result.model}
         ppl = evaluate.compare_perplexity(models, result.tokenizer, sources, seqlen=args.seqlen,
                                           max_windows=args.eval_windows)

@@ -107,7 +107,7 @@ class FinetuneConfig:
             (self.epochs >= 1, f"epochs={self.epochs} must be >= 1"),
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
             (self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={self.betas} must be two numbers in [0, 1)"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={self.betas}: 2 numbers in [0, 1)"),
             (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
             (self.lora_r >= 1, f"lora_r={self.lora_r} must be >= 1"),
             (self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be > 0"),
