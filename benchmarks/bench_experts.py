@@ -89,7 +89,6 @@ def main(argv=None) -> int:
 
     from cmoe import experts
     from cmoe import triton_experts as te
-    from cmoe.triton_experts import use_fused_router
 
     d, f = SHAPES[args.shape]
     dt = torch.bfloat16
@@ -109,7 +108,6 @@ def main(argv=None) -> int:
     for preset in args.configs:
         layers = [make_moe(d, f, preset) for _ in range(args.copies)]
         for lay in layers:
-            use_fused_router(lay)
             lay.impl = "triton"
         s = layers[0].spec
         print(f"\n## {preset}: shared {s.shared_size}, {s.num_experts} x {s.expert_size}, top {s.top_k}")

@@ -444,12 +444,6 @@ def main(argv=None) -> int:
 
                 _load_triton()
                 set_expert_impl(model, "auto")
-                try:
-                    from cmoe.triton_experts import use_fused_router
-
-                    use_fused_router(model)
-                except ImportError:
-                    pass
                 err = check_fast_path(model)
                 log(f"  check vs loop oracle: max rel err {err:.2e}")
                 if not err < 3e-2:

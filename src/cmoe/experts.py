@@ -69,6 +69,12 @@ def select_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     return out
 
 
+def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert [E] (int64), without the host sync of ``torch.bincount`` on CUDA."""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs)
@@ -82,7 +88,7 @@ def grouped_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     flat = idx.reshape(-1)  # [T*a]
     order = flat.argsort(stable=True)
     tok = order // a  # token of each sorted pair
-    offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)  # [E]
+    offs = expert_counts(flat, E).cumsum(0).to(torch.int32)  # [E]
     h = _glu(_grouped_mm(x[tok], gate_up.transpose(1, 2), offs), act)  # [T*a, m]
     y = _grouped_mm(h, down.transpose(1, 2), offs)  # [T*a, d]
     y = y * weight.reshape(-1)[order, None].to(y.dtype)
@@ -101,6 +107,16 @@ def _load_triton() -> None:
 
 
 _TRITON_TRIED = False
+
+
+def fused_router():
+    """The fused Triton router (``fn(router, x)``) when Triton is available, else None."""
+    _load_triton()
+    if "triton" not in EXPERT_IMPLS:
+        return None
+    from .triton_experts import fused_route
+
+    return fused_route
 
 
 def default_impl(x: torch.Tensor) -> str:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations
-from .experts import run_experts
+from . import experts
+from .experts import expert_counts, run_experts
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,13 @@ class AnalyticalRouter(Router):
         super().__init__(spec)
         self.gate = nn.Parameter(torch.zeros(spec.num_experts, spec.hidden_size))  # [E, d]
         self.up = nn.Parameter(torch.zeros(spec.num_experts, spec.hidden_size))  # [E, d]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.is_cuda and not torch.is_grad_enabled():
+            fused = experts.fused_router()  # one Triton kernel for the whole router
+            if fused is not None:
+                return fused(self, x)
+        return super().forward(x)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -150,7 +158,7 @@ class CMoEMLP(nn.Module):
         if self.spec.top_k > 0:
             idx, weight, probs = self.route(x)
             if self.collect_load:
-                self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.spec.num_experts)
+                self.expert_load += expert_counts(idx, self.spec.num_experts)
             if self.keep_router_probs:
                 self.last_router_probs = probs
             out = out + run_experts(

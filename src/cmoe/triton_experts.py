@@ -520,36 +520,6 @@ def fused_route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     )
 
 
-def _make_fused_router_class():
-    from .moe import AnalyticalRouter
-
-    class FusedAnalyticalRouter(AnalyticalRouter):
-        """An AnalyticalRouter whose forward is one Triton kernel on the GPU (same function, same
-        state); falls back to the torch forward on the CPU or when gradients are needed."""
-
-        def forward(self, x):
-            if (x.is_cuda or _INTERPRET) and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad or self.gate.requires_grad)
-            ):
-                return fused_route(self, x)
-            return super().forward(x)
-
-    return FusedAnalyticalRouter
-
-
-def use_fused_router(model: torch.nn.Module) -> int:
-    """Swap every analytical router of ``model``'s CMoE layers for the fused-kernel one
-    (in place, parameters and buffers kept). Returns the number of routers swapped."""
-    from .moe import AnalyticalRouter
-
-    n = 0
-    for mod in model.modules():
-        if type(mod) is AnalyticalRouter:
-            mod.__class__ = FusedAnalyticalRouter
-            n += 1
-    return n
-
-
 # ----------------------------------------------------------------------------- the op
 def _check(x, idx, weight, gate_up, down, act):
     if x.device.type != "cuda" and not _INTERPRET:
@@ -587,4 +557,3 @@ def triton_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     return triton_experts_op(x, idx, weight, gate_up, down, activations.canonical(act))
 
 
-FusedAnalyticalRouter = _make_fused_router_class()
