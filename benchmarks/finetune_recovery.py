@@ -102,6 +102,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tasks", default="social_iqa", help="multiple-choice tasks via cmoe.tasks ('' for none)")
     p.add_argument("--task-limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--convert-device", default=None, help="where convert_ computes each layer (default: --device)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", help="write all numbers to this file")
     p.add_argument("--save-dir", help="save the fine-tuned checkpoints here (SAVE_DIR/CONFIG-ft)")
@@ -138,7 +139,7 @@ def main(argv=None) -> dict:
         model = copy.deepcopy(dense)  # float32, on the CPU: convert_ moves one layer at a time to the device
         cfg = cmoe.CMoEConfig.parse(name, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
         t0 = time.perf_counter()
-        cmoe.convert_(model, cfg, calib, device=device)
+        cmoe.convert_(model, cfg, calib, device=args.convert_device or device)
         convert_s = time.perf_counter() - t0
         free = measure(model.to(device, dtype), tok, windows, tasks, args.task_limit, f"{name} free")
         free["seconds_label"] = f"convert {convert_s:.0f}"

@@ -57,7 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .experts import run_experts
+from .experts import expert_counts, run_experts
 from .moe import CMoEMLP, moe_layers
 
 STATE_FILE = "state.safetensors"
@@ -152,14 +152,15 @@ def _experts_forward(self, x, idx, weight, act: str, impl: str):
 
 
 def _moe_forward(self, hidden: torch.Tensor, impl: str | None = None) -> torch.Tensor:
-    """``CMoEMLP.forward`` with the routed experts called as a module (see ``_call_experts_as_module``)."""
+    """``CMoEMLP.forward`` with the routed experts called as a module (see ``_call_experts_as_module``;
+    ``test_training_forward_equals_the_module_forward`` keeps the two in step)."""
     shape = hidden.shape
     x = hidden.reshape(-1, shape[-1])  # [T, d]
     out = self.shared(x)
     if self.spec.top_k > 0:
         idx, weight, probs = self.route(x)
         if self.collect_load:
-            self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.spec.num_experts)
+            self.expert_load += expert_counts(idx, self.spec.num_experts)
         if self.keep_router_probs:
             self.last_router_probs = probs
         out = out + self.experts(x, idx, weight, self.spec.act, impl or self.impl)
