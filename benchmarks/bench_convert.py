@@ -19,13 +19,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cmoe
+from cmoe.bench import MODELS
 
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-}
+SHAPES = {name: {k: v for k, v in cfg.items() if k != "max_position_embeddings"} for name, cfg in MODELS.items()}
 
 
 def hardware(device: str) -> str:

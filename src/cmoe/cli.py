@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-console = Console(stderr=False)
+console = Console(soft_wrap=True)  # tables are pre-rendered: never re-wrap them
 
 DEMO_PROMPT = "The history of the Roman Empire"
 
@@ -227,7 +227,50 @@ def cmd_finetune(args) -> None:
         console.print(evaluate.format_table(ppl, title=f"held-out perplexity ({args.eval_windows} x {args.seqlen} tokens)"))
 
 
-COMMANDS = [_add_convert, _add_eval, _add_inspect, _add_finetune]
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with the compiled static-cache path (dense or converted)",
+                       description="Greedy or sampled generation through cmoe.generation: static KV cache, the "
+                       "decode step compiled with CUDA graphs on a GPU (--no-compile on the CPU is fastest to start).")
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="cmoe checkpoint, dense folder, hub id, .gguf or 'smollm2'")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .generation import generate
+    from .loading import load_model
+
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    t0 = time.perf_counter()
+    out = generate(model, ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, compile=not args.no_compile,
+                   eos_token_id=tok.eos_token_id)
+    seconds = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    console.print(args.prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    console.print(f"[dim]{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tok/s, compile time included)[/]")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="the GPU speed table: dense vs CMoE, prefill and decode (see cmoe.bench)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of cmoe.bench (--help for them)")
+
+
+COMMANDS = [_add_convert, _add_eval, _add_inspect, _add_generate, _add_bench, _add_finetune]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every option belongs to cmoe.bench, --help included
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     from .analysis import CalibrationError
     from .checkpoint import CheckpointError

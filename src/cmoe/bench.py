@@ -1,0 +1,466 @@
+"""Speed of converted vs dense LLaMA-shaped models on one GPU, against the roofline.
+
+    python benchmarks/bench_speed.py                       # the whole table (H200: ~6 min)
+    python benchmarks/bench_speed.py --models llama2-7b --configs S1A1E8 --decode-batches 1
+
+For each model shape (random bf16 weights) and each CMoE config (converted with
+``cmoe.convert_`` on random calibration tokens, so the router is the one the converter
+computes from the hidden states it sees): check the fast MoE path against the loop oracle,
+then time a prefill (eager) and greedy decode steps (``cmoe.generation``: static KV cache,
+decode step compiled with ``mode="reduce-overhead", fullgraph=True``), the same treatment for
+dense and MoE. Per cell: time, ratio to dense, achieved GB/s (decode) or TFLOP/s (prefill),
+and the roofline limit ratio max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy
+bandwidth BW and the bf16 matmul peak measured at the start of the run, and bytes counting
+only the experts the routing touches in that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch._dynamo
+
+MODELS = {
+    "llama2-7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+}
+CONFIGS = ["S3A3E8", "S2A2E8", "S1A1E8", "S2A2E16"]
+PREFILL = [(1, 2048), (8, 2048)]
+DECODE_BATCHES = [1, 8, 32, 128, 256]
+PROMPT = 512
+
+
+# ----------------------------------------------------------------------------- machine ceilings
+def measure_ceilings(device="cuda") -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured now."""
+    from triton.testing import do_bench
+
+    n = 1 << 30  # 1 GiB buffers, far beyond L2
+    a = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    b = torch.empty_like(a)
+    t = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median") / 1e3
+    bw = 2 * n / t
+    del a, b
+    N = 8192
+    x = torch.randn(N, N, device=device, dtype=torch.bfloat16)
+    y = torch.randn(N, N, device=device, dtype=torch.bfloat16)
+    t = do_bench(lambda: x @ y, warmup=100, rep=500, return_mode="median") / 1e3
+    peak = 2 * N**3 / t
+    return {"bandwidth_Bps": bw, "bf16_flops": peak}
+
+
+# ----------------------------------------------------------------------------- models
+def build_dense(name: str, device="cuda", dtype=torch.bfloat16, layers: int | None = None, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(MODELS[name])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**kw, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.generation_config.eos_token_id = None
+    model.requires_grad_(False)
+    return model.eval()
+
+
+@torch.no_grad()
+def random_moe_(model, preset: str, seed: int = 0):
+    """Development fallback when ``cmoe.convert_`` is unavailable: CMoE layers from each dense
+    FFN with a random balanced partition and random representative neurons."""
+    import torch.nn.functional as F
+
+    from cmoe.config import CMoEConfig
+    from cmoe.moe import CMoEMLP, MoELayerSpec
+
+    cfg = CMoEConfig.parse(preset)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        f, d = gate.shape
+        m = f // cfg.experts
+        perm = torch.randperm(f, generator=g).to(gate.device)
+        sh = perm[: cfg.shared * m]
+        mem = perm[cfg.shared * m :].reshape(cfg.experts - cfg.shared, m)
+        spec = MoELayerSpec(d, sh.numel(), mem.shape[0], m, cfg.active, "silu")
+        moe = CMoEMLP(spec).to(device=gate.device, dtype=gate.dtype)
+        moe.shared_gate_up.weight.copy_(torch.cat([gate[sh], up[sh]]))
+        moe.shared_down.weight.copy_(down[:, sh])
+        moe.experts.gate_up_proj.copy_(torch.cat([gate[mem], up[mem]], dim=1))
+        moe.experts.down_proj.copy_(down[:, mem].permute(1, 0, 2))
+        reps = mem[:, 0]
+        moe.router.gate.copy_(F.normalize(gate[reps].float(), dim=-1))
+        moe.router.up.copy_(F.normalize(up[reps].float(), dim=-1))
+        moe.neuron_index.copy_(torch.cat([sh, mem.reshape(-1)]).to(torch.int32))
+        layer.mlp = moe
+    return model
+
+
+def convert_model_(model, preset: str, calib_tokens=(2, 512), seed: int = 0) -> str:
+    """Convert in place with ``cmoe.convert_`` on random calibration ids; falls back to
+    ``random_moe_`` if the converter is not importable. Returns which was used."""
+    try:
+        from cmoe import CMoEConfig, convert_
+    except ImportError:
+        random_moe_(model, preset, seed)
+        return "random partition (cmoe.convert_ unavailable)"
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    calib = torch.randint(0, model.config.vocab_size, calib_tokens, generator=g)
+    cfg = CMoEConfig.parse(preset, calib_samples=calib_tokens[0], calib_seqlen=calib_tokens[1])
+    convert_(model, cfg, calib.to(next(model.parameters()).device), device="cuda", progress=False)
+    return f"cmoe.convert_ ({calib_tokens[0]}x{calib_tokens[1]} random calibration tokens)"
+
+
+def weight_bytes(model) -> dict:
+    """Bytes of weights: total, FFN experts, router + bookkeeping (CMoE extras)."""
+    from cmoe.moe import CMoEMLP
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "inv_freq" not in n)
+    extra = 0
+    for mod in model.modules():
+        if isinstance(mod, CMoEMLP):
+            extra += sum(p.numel() * p.element_size() for p in mod.router.parameters())
+            extra += sum(b.numel() * b.element_size() for b in mod.router.buffers())
+            extra += mod.neuron_index.numel() * mod.neuron_index.element_size()
+            extra += mod.expert_load.numel() * mod.expert_load.element_size()
+    return {"total": total, "router_and_bookkeeping": extra}
+
+
+# ----------------------------------------------------------------------------- roofline accounting
+@dataclass
+class Cost:
+    bytes: float
+    flops: float
+
+    def time(self, ceil: dict) -> float:
+        return max(self.bytes / ceil["bandwidth_Bps"], self.flops / ceil["bf16_flops"])
+
+
+def step_cost(model, batch: int, q_len: int, ctx: int, touched: list[int] | None = None) -> Cost:
+    """Fewest bytes and flops of one forward of ``batch x q_len`` new tokens with ``ctx``
+    positions visible at the end (KV cache read + written). ``touched[l]``: routed experts
+    that layer l's routing used (None: dense, or all)."""
+    from cmoe.moe import CMoEMLP
+
+    c = model.config
+    d, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    hd = d // c.num_attention_heads
+    kv = c.num_key_value_heads * hd
+    el = 2  # bf16
+    tokens = batch * q_len
+    attn_w = d * (d + 2 * kv) + d * d  # q, k, v, o
+    byts = tokens * d * el  # embedding rows
+    byts += V * d * el  # lm_head
+    flops = 2 * batch * V * d  # lm_head on the last position only
+    avg_ctx = ctx - (q_len - 1) / 2  # causal: mean positions attended
+    for li, layer in enumerate(model.model.layers):
+        byts += attn_w * el + 2 * d * el  # projections + norms
+        byts += batch * 2 * kv * ctx * el  # KV cache read (new rows written: included)
+        flops += 2 * tokens * attn_w + 4 * tokens * avg_ctx * d
+        mlp = layer.mlp
+        if isinstance(mlp, CMoEMLP):
+            s = mlp.spec
+            n_touch = s.num_experts if touched is None else touched[li]
+            byts += (3 * d * s.shared_size + n_touch * 3 * d * s.expert_size + 2 * s.num_experts * d) * el
+            flops += 2 * tokens * (3 * d * s.active_size + 2 * s.num_experts * d)
+        else:
+            f = mlp.gate_proj.weight.shape[0]
+            byts += 3 * d * f * el
+            flops += 2 * tokens * 3 * d * f
+        byts += 2 * tokens * d * el * 2  # layer input/output activations (small at decode)
+    return Cost(byts, flops)
+
+
+@torch.no_grad()
+def touched_experts(model, batch: int, prompt_len: int) -> list[int]:
+    """Routed experts each layer's routing touches in one decode step after a random prompt:
+    expert load of (prefill + 1 step) minus that of the same prefill alone (eager)."""
+    from cmoe.generation import generate
+    from cmoe.moe import moe_layers
+
+    layers = moe_layers(model)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=next(model.parameters()).device)
+    loads = []
+    for n in (2, 1):
+        for m in layers:
+            m.expert_load.zero_()
+            m.collect_load = True
+        generate(model, ids, n, compile=False)
+        loads.append([m.expert_load.clone() for m in layers])
+    for m in layers:
+        m.collect_load = False
+        m.expert_load.zero_()
+    return [int(((a - b) > 0).sum()) for a, b in zip(*loads)]
+
+
+# ----------------------------------------------------------------------------- checks
+@torch.no_grad()
+def check_fast_path(model, tokens=(1, 3, 17, 129, 300)) -> float:
+    """Max relative error of the MoE layers' default forward vs the loop oracle on random
+    hidden states of a few token counts; also checks the fused router against the torch one
+    (same probabilities, same experts up to ties)."""
+    from cmoe.moe import AnalyticalRouter, moe_layers
+
+    worst, agree, total, perr = 0.0, 0, 0, 0.0
+    for mod in moe_layers(model)[:4]:
+        d = mod.spec.hidden_size
+        for T in tokens:
+            x = torch.randn(T, d, device=mod.shared_down.weight.device, dtype=mod.shared_down.weight.dtype)
+            ref = mod.forward_reference(x).float()
+            out = mod(x).float()
+            worst = max(worst, ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item())
+            if isinstance(mod.router, AnalyticalRouter) and type(mod.router) is not AnalyticalRouter:
+                i0, w0, p0 = AnalyticalRouter.forward(mod.router, x)
+                i1, w1, p1 = mod.router(x)
+                agree += int((i0 == i1).sum())
+                total += i0.numel()
+                perr = max(perr, (p1 - p0).abs().max().item())
+    if total and (agree < 0.98 * total or perr > 1e-3):
+        print(f"  CHECK FAILED: fused router vs torch router: {agree}/{total} same experts, max |dp| {perr:.2e}")
+    elif total:
+        print(f"  fused router vs torch router: {agree}/{total} same experts, max |dp| {perr:.2e}")
+    return worst
+
+
+# ----------------------------------------------------------------------------- timing
+@torch.no_grad()
+def time_prefill(model, batch: int, seq: int, repeats: int = 5) -> tuple[float, str]:
+    """Median time of one prefill forward, replayed as a CUDA graph (host overhead excluded,
+    for dense and MoE alike); plain eager timing if capture fails."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+
+    def fwd():
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fwd()
+            fwd()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fwd()
+        t = _median_time(g.replay, repeats)
+        del g
+        return t, "graph"
+    except Exception as e:  # noqa: BLE001
+        print(f"  (prefill graph capture failed: {type(e).__name__}: {str(e)[:120]}; timing eagerly)")
+        torch.cuda.synchronize()
+        return _median_time(fwd, repeats), "eager"
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+@dataclass
+class Row:
+    model: str
+    config: str
+    kind: str  # "prefill" | "decode"
+    batch: int
+    seq: int
+    seconds: float
+    cost: Cost
+    ratio: float | None = None  # dense time / this time
+    limit: float | None = None  # roofline limit ratio
+    extra: dict = field(default_factory=dict)
+
+
+def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
+    from cmoe.generation import time_generation
+
+    rows = []
+    moe = config != "dense"
+    for b, s in args.prefill:
+        if getattr(args, "profile", False):
+            ids = torch.randint(0, model.config.vocab_size, (b, s), device="cuda")
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+            log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        t, how = time_prefill(model, b, s)
+        cost = step_cost(model, b, s, s, None)
+        rows.append(Row(name, config, "prefill", b, s, t, cost, extra={"timing": how}))
+        log(f"  prefill {b}x{s}: {t * 1e3:.2f} ms  {cost.flops / t / 1e12:.0f} TFLOP/s ({how})")
+        torch.cuda.empty_cache()
+    for b in args.decode_batches:
+        t0 = time.perf_counter()
+        tg = time_generation(model, b, args.prompt, new_tokens=args.steps, compile=not args.no_compile, repeats=args.repeats)
+        touched = touched_experts(model, b, args.prompt) if moe else None
+        ctx = args.prompt + args.steps // 2
+        cost = step_cost(model, b, 1, ctx, touched)
+        rows.append(Row(name, config, "decode", b, args.prompt, tg.decode_s, cost, extra={"touched": touched}))
+        log(
+            f"  decode b={b}: {tg.decode_s * 1e3:.3f} ms/step  {b / tg.decode_s:.0f} tok/s  "
+            f"{cost.bytes / tg.decode_s / 1e9:.0f} GB/s  (wall {time.perf_counter() - t0:.0f} s)" + (f"  touched/layer avg {sum(touched) / len(touched):.1f}" if touched else "")
+        )
+        model.__dict__.pop("_cmoe_static_caches", None)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fill_ratios(rows: list[Row], ceil: dict) -> None:
+    dense = {(r.model, r.kind, r.batch, r.seq): r for r in rows if r.config == "dense"}
+    for r in rows:
+        d = dense.get((r.model, r.kind, r.batch, r.seq))
+        if d is None:
+            continue
+        r.ratio = d.seconds / r.seconds
+        r.limit = d.cost.time(ceil) / r.cost.time(ceil)
+
+
+def table(rows: list[Row], ceil: dict) -> str:
+    out = [
+        "| model | config | cell | time | vs dense | achieved | roofline limit | % of limit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cell = f"prefill {r.batch}x{r.seq}" if r.kind == "prefill" else f"decode b={r.batch}"
+        if r.kind == "prefill":
+            tm = f"{r.seconds * 1e3:.1f} ms"
+            ach = f"{r.cost.flops / r.seconds / 1e12:.0f} TFLOP/s"
+        else:
+            tm = f"{r.batch / r.seconds:.0f} tok/s ({r.seconds * 1e3:.2f} ms)"
+            ach = f"{r.cost.bytes / r.seconds / 1e9:.0f} GB/s"
+        ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
+        lim = f"{r.limit:.2f}x" if r.limit else "-"
+        pct = f"{100 * r.ratio / r.limit:.0f} %" if r.ratio and r.limit else "-"
+        out.append(f"| {r.model} | {r.config} | {cell} | {tm} | {ratio} | {ach} | {lim} | {pct} |")
+    return "\n".join(out)
+
+
+def report(rows, memory, ceil, dev, out, log=None, notes=()) -> None:
+    fill_ratios(rows, ceil)
+    md = table(rows, ceil)
+    mem = ["| model | config | weights | vs dense | router + bookkeeping |", "| --- | --- | --- | --- | --- |"]
+    dense_mem = {n: wb["total"] for n, c, wb in memory if c == "dense"}
+    for n, c, wb in memory:
+        if n in dense_mem:
+            mem.append(
+                f"| {n} | {c} | {wb['total'] / 2**30:.3f} GiB | {wb['total'] / dense_mem[n]:.4f} | "
+                f"{wb['router_and_bookkeeping'] / 2**20:.2f} MiB ({100 * wb['router_and_bookkeeping'] / dense_mem[n]:.3f} %) |"
+            )
+    if log:
+        log("\n" + md + "\n\n" + "\n".join(mem))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "speed.md"), "w") as f:
+            f.write("\n".join(notes) + "\n\n")
+            f.write(f"device: {dev}; copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s\n\n")
+            f.write(md + "\n\n" + "\n".join(mem) + "\n")
+        with open(os.path.join(out, "speed.json"), "w") as f:
+            json.dump(
+                {"device": dev, "ceilings": ceil, "rows": [r.__dict__ | {"cost": r.cost.__dict__} for r in rows],
+                 "memory": memory},
+                f, indent=1, default=str,
+            )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="cmoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--configs", nargs="+", default=CONFIGS)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real depth)")
+    p.add_argument("--prefill", nargs="*", default=[f"{b}x{s}" for b, s in PREFILL], help="BxS cells")
+    p.add_argument("--decode-batches", nargs="*", type=int, default=DECODE_BATCHES)
+    p.add_argument("--prompt", type=int, default=PROMPT)
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print a profile of each prefill")
+    p.add_argument("--calib", default="2x512", help="calibration tokens NxS for convert_")
+    p.add_argument("--out", default=None, help="write the table (markdown) and raw rows (json) here")
+    args = p.parse_args(argv)
+    args.prefill = [tuple(int(v) for v in c.split("x")) for c in args.prefill]
+    calib = tuple(int(v) for v in args.calib.split("x"))
+    if not torch.cuda.is_available():
+        print("bench_speed needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    def log(msg):
+        print(msg, flush=True)
+
+    dev = torch.cuda.get_device_name()
+    import transformers
+    import triton
+
+    notes = [
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {dev}; torch {torch.__version__}, "
+        f"triton {triton.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+        f"command: python benchmarks/bench_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+    ]
+    log("# " + "\n# ".join(notes))
+    ceil = measure_ceilings()
+    log(f"ceilings: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s")
+    rows: list[Row] = []
+    memory = []
+    for name in args.models:
+        for config in ["dense"] + list(args.configs):
+            t0 = time.perf_counter()
+            model = build_dense(name, layers=args.layers)
+            how = "dense"
+            if config != "dense":
+                how = convert_model_(model, config, calib)
+                from cmoe.experts import _load_triton
+                from cmoe.moe import set_expert_impl
+
+                _load_triton()
+                set_expert_impl(model, "auto")
+                err = check_fast_path(model)
+                log(f"  check vs loop oracle: max rel err {err:.2e}")
+                if not err < 3e-2:
+                    log(f"  CHECK FAILED: {name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
+                    notes.append(f"{name} {config}: CHECK FAILED vs loop oracle ({err:.2e})")
+            wb = weight_bytes(model)
+            memory.append((name, config, wb))
+            notes.append(f"{name} {config}: {how}")
+            log(f"{name} {config}: built ({how}) in {time.perf_counter() - t0:.1f} s; weights {wb['total'] / 2**30:.2f} GiB")
+            rows += bench_model(model, name, config, args, ceil, log)
+            del model
+            torch._dynamo.reset()  # drop compiled graphs (and the CUDA graphs holding this model's memory)
+            torch.cuda.empty_cache()
+            report(rows, memory, ceil, dev, args.out, log=None, notes=notes)  # partial results, in case the run is cut
+    report(rows, memory, ceil, dev, args.out, log=log, notes=notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
