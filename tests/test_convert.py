@@ -21,6 +21,7 @@ def logits(model, ids):
 
 
 def convert(model, name="S2A2E8", **kw):
+    kw.setdefault("recipe", "paper")  # these tests pin the paper's algorithm; tests/test_recipes.py covers the others
     cfg = CMoEConfig.parse(name, calib_samples=4, calib_seqlen=32, **kw)
     report = cmoe.convert_(model, cfg, calib(), device="cpu", progress=False)
     return report
@@ -143,7 +144,7 @@ def test_layer_l_plus_1_is_calibrated_on_converted_outputs(model_type):
     adds the MoE's contribution to the layer's residual stream: check it against a real run)."""
     from cmoe.carve import carve
 
-    cfg = CMoEConfig.parse("S1A1E8", calib_samples=4, calib_seqlen=32)
+    cfg = CMoEConfig.parse("S1A1E8", calib_samples=4, calib_seqlen=32, recipe="paper")
     model = tiny_model(model_type)
     dense = copy.deepcopy(model)
     cmoe.convert_(model, cfg, calib(), device="cpu", progress=False)

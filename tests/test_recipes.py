@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import calib, tiny_model
+from conftest import FAMILY_TYPES, calib, tiny_model
 
 import cmoe
 from cmoe import allocation, checkpoint
@@ -152,4 +152,14 @@ def test_budget_one_keeps_every_layer_dense():
     dense = logits(model, copy.deepcopy(ids))
     convert(model, "S1A1E8", recipe="plus", budget=1.0)
     assert all(m.spec.top_k == 0 and m.spec.shared_size == 96 for m in cmoe.moe_layers(model))
+    torch.testing.assert_close(logits(model, ids), dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_default_recipe_all_experts_active_equals_dense_every_family(model_type):
+    assert CMoEConfig().recipe == "plus" and CMoEConfig().router == "linear"
+    model = tiny_model(model_type)
+    ids = calib(2, 16, seed=7)
+    dense = logits(model, ids)
+    convert(model, "S2A6E8")
     torch.testing.assert_close(logits(model, ids), dense, rtol=1e-4, atol=1e-4)

@@ -7,10 +7,11 @@ exactly, so the model-wide activated fraction of FFN parameters is the budget ex
 Sensitivity (measured on the dense model, a few calibration sequences): for every layer and
 every k, the output error of keeping the ``ceil(k/2) m`` shared neurons of highest energy plus,
 per token, the ``floor(k/2) m`` other neurons of largest output contribution (the
-fine-grained oracle of the layer's MoE), relative to the energy of the residual stream after
-that layer::
+fine-grained oracle of the layer's MoE), relative to the typical energy of the residual stream
+after that layer (d x the median over dimensions of E_t[resid_tj^2], robust to the few
+"massive activation" dimensions)::
 
-    cost_l(k) = E_t |y_t - y_hat_t(k)|^2 / E_t |resid_t|^2
+    cost_l(k) = E_t |y_t - y_hat_t(k)|^2 / (d median_j E_t[resid_tj^2])
 
 The k_l minimising ``sum_l cost_l(k_l)`` under the budget and the per-layer limits
 (``min_active <= k_l / e <= max_active``) are found exactly by dynamic programming. A layer

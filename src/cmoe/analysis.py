@@ -41,6 +41,17 @@ def activation_scores(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
     return activations.apply(w.act, g) * u
 
 
+def check_activations(x: torch.Tensor) -> None:
+    """Refuse empty or non-finite calibration inputs x [T, d] with a clear error."""
+    if x.shape[0] == 0:
+        raise CalibrationError("no calibration tokens reached this layer")
+    if not torch.isfinite(x).all():
+        raise CalibrationError(
+            "calibration activations contain NaN or inf; the model overflows in its dtype: "
+            "convert in float32 (--dtype float32) or check the weights"
+        )
+
+
 def atopk_markers(x: torch.Tensor, w: FFNWeights, k_act: int, chunk: int = 4096) -> Markers:
     """ATopK: per token, mark the k_act neurons with the largest |s_i|; chunked over tokens."""
     if x.shape[0] == 0:

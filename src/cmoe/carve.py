@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import partition as contrib_partition
-from .analysis import Markers, atopk_markers
+from .analysis import Markers, atopk_markers, check_activations
 from .clustering import balanced_kmeans, shared_and_candidates
 from .config import CMoEConfig
 from .families import FFNWeights
@@ -103,7 +103,8 @@ def partition_contrib(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[
     f = w.intermediate_size
     m = f // cfg.experts
     k = cfg.experts - cfg.shared
-    contrib = contrib_partition.contributions(x, w)  # [T, f]
+    step = max(1, x.shape[0] // cfg.cluster_tokens)
+    contrib = contrib_partition.contributions(x[::step], w)  # [T', f], evenly strided tokens
     fp = contrib_partition.feature_partition(
         contrib, cfg.shared * m, k, iters=cfg.kmeans_iters or None, max_tokens=cfg.cluster_tokens
     )
@@ -137,6 +138,7 @@ def carve(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[CMoEMLP, Car
 
     ``cfg``'s S/A/E are this layer's (``cmoe.allocation`` gives each layer its own)."""
     cfg.check_layer(w.intermediate_size)
+    check_activations(x)
     if cfg.features == "markers":
         part, stats = partition(atopk_markers(x, w, cfg.k_act), w.intermediate_size, cfg)
     else:

@@ -156,7 +156,10 @@ def _sensitivity_pass(model, family, layers, hidden, calls, config, device, batc
         mlp = getattr(layer, family.mlp_attr)
         x = _ffn_inputs(layer, mlp, hidden, args, kwargs, device, batch_size)
         hidden = torch.cat([_first(layer(h.to(device), *args, **kwargs)).to("cpu") for h in hidden.split(batch_size)])
-        energy = hidden.float().pow(2).sum(-1).mean().item()
+        # typical residual-stream energy: d x the median per-dimension energy (robust to the few
+        # "massive activation" dimensions that would otherwise make some layers look insensitive)
+        per_dim = hidden.float().pow(2).reshape(-1, hidden.shape[-1]).mean(0)  # [d]
+        energy = (per_dim.median() * per_dim.numel()).item()
         costs.append(allocation.sensitivity(x, family.read(mlp, model.config), energy, config.experts).cpu())
         layer.to(home)
     return torch.stack(costs)
