@@ -71,7 +71,7 @@ def sensitivity(x: torch.Tensor, w: FFNWeights, resid_energy: float, e: int) -> 
     f = h.shape[1]
     m = f // e
     order = torch.argsort(c.pow(2).mean(0), descending=True, stable=True)  # neurons by energy
-    cost = torch.zeros(e + 1)
+    cost = torch.zeros(e + 1, device=h.device)
     for k in range(e + 1):
         alloc = split_units(k, e)
         keep = torch.zeros_like(h, dtype=torch.bool)

@@ -88,7 +88,7 @@ def balanced_feature_kmeans(
     while it < limit and not converged:
         it += 1
         cost = (cent * cent).sum(1)[None, :] - 2.0 * feat @ cent.T  # [n, k] (|f_i|^2 = 1 dropped)
-        new = torch.from_numpy(balanced_assignment(cost.double().numpy(), size))
+        new = torch.from_numpy(balanced_assignment(cost.double().cpu().numpy(), size)).to(feat.device)
         converged = labels is not None and torch.equal(new, labels)
         labels = new
         cent = torch.zeros_like(cent).index_add_(0, labels, feat) / size
@@ -111,10 +111,10 @@ def feature_partition(
     energy = contrib.pow(2).mean(0)  # [f]
     shared, cand = split_shared(energy, n_shared)
     if k == 0:
-        return FeaturePartition(shared, torch.empty(0, 0, dtype=torch.long), 1.0, 0, True)
+        return FeaturePartition(shared, torch.empty(0, 0, dtype=torch.long, device=contrib.device), 1.0, 0, True)
     step = max(1, T // max_tokens)
     feat = F.normalize(contrib[::step, cand].T.contiguous(), dim=-1)  # [n, T']
     labels, cohesion, it, conv = balanced_feature_kmeans(feat, energy[cand], k, iters)
-    order = torch.argsort(labels * len(cand) + torch.arange(len(cand)), stable=True)
+    order = torch.argsort(labels * len(cand) + torch.arange(len(cand), device=labels.device), stable=True)
     members = cand[order].view(k, -1)
     return FeaturePartition(shared, members, cohesion, it, conv)

@@ -60,5 +60,5 @@ def topk_agreement(scores: torch.Tensor, oracle: torch.Tensor, a: int) -> float:
         return 1.0
     E = scores.shape[1]
     pick = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(a, dim=1).indices, True)
-    best = torch.zeros(oracle.shape, dtype=torch.bool).scatter_(1, oracle.topk(a, dim=1).indices, True)
+    best = torch.zeros(oracle.shape, dtype=torch.bool, device=oracle.device).scatter_(1, oracle.topk(a, dim=1).indices, True)
     return ((pick & best).sum(1).float() / a).mean().item() if E else 1.0
