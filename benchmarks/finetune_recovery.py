@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="dense model: hub id, folder, .gguf, or 'smollm2'")
     p.add_argument("--configs", default="S1A1E8,S2A2E8")
+    p.add_argument("--recipe", default=None, help="conversion recipe: paper, plus (default: the library's)")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--data", default="wiki", help="fine-tuning text (calibration split)")
@@ -137,7 +138,8 @@ def main(argv=None) -> dict:
     del dense_eval
     for name in args.configs.split(","):
         model = copy.deepcopy(dense)  # float32, on the CPU: convert_ moves one layer at a time to the device
-        cfg = cmoe.CMoEConfig.parse(name, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+        recipe = {"recipe": args.recipe} if args.recipe else {}
+        cfg = cmoe.CMoEConfig.parse(name, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, **recipe)
         t0 = time.perf_counter()
         cmoe.convert_(model, cfg, calib, device=args.convert_device or device)
         convert_s = time.perf_counter() - t0
@@ -166,7 +168,8 @@ def main(argv=None) -> dict:
         print(f"{name}: {f['steps']} steps, {f['tokens']:,} tokens, {f['trainable_parameters']:,} trainable, "
               f"{f['seconds']:.0f} s; loss {f['loss_first']:.3f} -> {f['loss_last']:.3f}, "
               f"load imbalance {f['imbalance_first']:.2f} -> {f['imbalance_last']:.2f}")
-    print(f"\nfine-tune: {args.samples} x {args.seqlen} tokens of {args.data}, batch {args.batch_size} x "
+    print(f"\nconversion recipe: {args.recipe or cmoe.CMoEConfig().recipe}; "
+          f"fine-tune: {args.samples} x {args.seqlen} tokens of {args.data}, batch {args.batch_size} x "
           f"accum {args.grad_accum}, lr {args.lr}, router lr {args.router_lr}, gamma {args.gamma}; eval "
           f"{args.eval_windows} x {args.eval_seqlen} tokens; {results['machine']}; {dtype}")
     if args.json:

@@ -319,7 +319,7 @@ def imbalance(load: torch.Tensor) -> torch.Tensor:
 
 
 def _fingerprint(ids: torch.Tensor) -> str:
-    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def save_state(path: Path, peft_model, optimizer, names: list[str], meta: dict) -> None:
@@ -402,7 +402,7 @@ def load_state(path: Path, peft_model, optimizer, names: list[str], expect: dict
         g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(tensors["rng/cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    cuda = [tensors[f"rng/cuda/{i}"] for i in range(sum(k.startswith("rng/cuda/") for k in tensors))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     return meta
@@ -451,7 +451,11 @@ def finetune_ids(
     if vocab and int(ids.max()) >= vocab:
         raise FinetuneError(f"token id {int(ids.max())} is out of the model's vocabulary ({vocab}): wrong tokenizer?")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(device)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise FinetuneError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     if state_path is not None and state_path.exists() and not resume:
         raise FinetuneError(
