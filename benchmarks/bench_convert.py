@@ -42,6 +42,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["smollm2", *SHAPES])
     p.add_argument("--config", default="S3A3E8")
+    p.add_argument("--recipe", default=None, help="paper or plus (default: CMoEConfig's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -57,13 +58,14 @@ def main(argv=None) -> None:
         ids = torch.randint(0, model.config.vocab_size, (args.samples, args.seqlen),
                             generator=torch.Generator().manual_seed(0))
     load_s = time.perf_counter() - t0
-    cfg = cmoe.CMoEConfig.parse(args.config, calib_samples=args.samples, calib_seqlen=args.seqlen)
+    extra = {"recipe": args.recipe} if args.recipe else {}
+    cfg = cmoe.CMoEConfig.parse(args.config, calib_samples=args.samples, calib_seqlen=args.seqlen, **extra)
     report = cmoe.convert_(model, cfg, ids, device=args.device, batch_size=args.batch_size)
     per_layer = sorted(r.seconds for r in report.layers)
     print(f"\nhardware: {hardware(args.device)}")
-    print(f"| model | config | calib tokens | device | load s | convert s | median s/layer | peak memory GiB |")
-    print(f"|---|---|---|---|---|---|---|---|")
-    print(f"| {args.model} | {cfg.name} | {args.samples} x {args.seqlen} | {args.device} | {load_s:.1f} | "
+    print(f"| model | config | recipe | calib tokens | device | load s | convert s | median s/layer | peak memory GiB |")
+    print(f"|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.model} | {cfg.name} | {cfg.recipe} | {args.samples} x {args.seqlen} | {args.device} | {load_s:.1f} | "
           f"{report.seconds:.1f} | {per_layer[len(per_layer) // 2]:.2f} | {report.peak_memory_bytes / 2**30:.2f} |")
 
 

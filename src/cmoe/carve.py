@@ -126,6 +126,7 @@ def fit_router(moe: CMoEMLP, x: torch.Tensor, cfg: CMoEConfig) -> float:
     spec = moe.spec
     if spec.num_experts == 0 or spec.top_k == 0:
         return 1.0
+    x = x[:: max(1, x.shape[0] // cfg.fit_tokens)]  # evenly strided tokens: the fit costs one FFN pass over them
     norms = expert_output_norms(x, moe.experts.gate_up_proj, moe.experts.down_proj, spec.act)  # [T, E]
     if cfg.router == "linear":
         moe.router.weight.copy_(fit_linear_router(x, norms, cfg.ridge))

@@ -53,6 +53,7 @@ class CMoEConfig:
     features: str | None = None
     ridge: float = 1e-2  # linear router: ridge strength relative to the mean diagonal of x^T x
     cluster_tokens: int = 4096  # "contrib" features: calibration tokens (evenly strided) used for the partition
+    fit_tokens: int = 8192  # calibration tokens (evenly strided) for the linear router fit and the agreement statistic
     budget: float | None = None
     min_active: float = 0.125
     max_active: float = 1.0
@@ -69,8 +70,11 @@ class CMoEConfig:
             raise ConfigError(f"unknown router {self.router!r}; available: {sorted(ROUTERS)}")
         if self.features not in FEATURES:
             raise ConfigError(f"unknown features {self.features!r}; available: {list(FEATURES)}")
-        if self.ridge < 0 or self.cluster_tokens < 1:
-            raise ConfigError(f"ridge={self.ridge} must be >= 0 and cluster_tokens={self.cluster_tokens} >= 1")
+        if self.ridge < 0 or self.cluster_tokens < 1 or self.fit_tokens < 1:
+            raise ConfigError(
+                f"ridge={self.ridge} must be >= 0, cluster_tokens={self.cluster_tokens} and "
+                f"fit_tokens={self.fit_tokens} >= 1"
+            )
         if self.budget is not None and not 0 < self.budget <= 1:
             raise ConfigError(f"budget={self.budget} must be an activated fraction in (0, 1]")
         if not 0 < self.min_active <= self.max_active <= 1:
