@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from cmoe.bench import _median_time
+
 SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
 
 
@@ -45,18 +47,7 @@ def graph_ms(fn, iters: int = 5, reps: int = 7) -> float:
 
 
 def event_ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    ts.sort()
-    return ts[len(ts) // 2]
+    return 1e3 * _median_time(fn, reps)
 
 
 def make_moe(d, f, preset, dtype=torch.bfloat16):

@@ -54,13 +54,7 @@ def check_activations(x: torch.Tensor) -> None:
 
 def atopk_markers(x: torch.Tensor, w: FFNWeights, k_act: int, chunk: int = 4096) -> Markers:
     """ATopK: per token, mark the k_act neurons with the largest |s_i|; chunked over tokens."""
-    if x.shape[0] == 0:
-        raise CalibrationError("no calibration tokens reached this layer")
-    if not torch.isfinite(x).all():
-        raise CalibrationError(
-            "calibration activations contain NaN or inf; the model overflows in its dtype: "
-            "convert in float32 (--dtype float32) or check the weights"
-        )
+    check_activations(x)
     f = w.intermediate_size
     idx = torch.cat(
         [activation_scores(xc, w).abs().topk(k_act, dim=-1).indices for xc in x.split(chunk)]

@@ -116,6 +116,11 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * m, d))  # [E, 2m, d]
         self.down_proj = nn.Parameter(torch.zeros(E, d, m))  # [E, d, m]
 
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, act: str, impl: str) -> torch.Tensor:
+        """x [T, d], idx/weight [T, a] -> [T, d] (a module call, so that peft's parametrized
+        LoRA on the stacked weights applies)."""
+        return run_experts(impl, x, idx, weight, self.gate_up_proj, self.down_proj, act)
+
 
 class CMoEMLP(nn.Module):
     """Drop-in replacement of a gated FFN: ``y = Shared(x) + sum_chosen w_j Expert_j(x)``.
@@ -161,9 +166,7 @@ class CMoEMLP(nn.Module):
                 self.expert_load += expert_counts(idx, self.spec.num_experts)
             if self.keep_router_probs:
                 self.last_router_probs = probs
-            out = out + run_experts(
-                impl or self.impl, x, idx, weight, self.experts.gate_up_proj, self.experts.down_proj, self.spec.act
-            )
+            out = out + self.experts(x, idx, weight, self.spec.act, impl or self.impl)
         return out.reshape(shape)
 
     def forward_reference(self, hidden: torch.Tensor) -> torch.Tensor:
