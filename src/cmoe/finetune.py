@@ -8,7 +8,8 @@ What is trained, everything else frozen:
 - LoRA through peft (r=8, alpha=32) on the attention projections (q, k, v, o; Phi-3's fused
   ``qkv_proj``), on the shared expert's ``shared_gate_up``/``shared_down`` (nn.Linear, LoRA
   dropout 0.1), and on every routed expert's stacked ``experts.gate_up_proj [E, 2m, d]`` and
-  ``experts.down_proj [E, d, m]`` (peft ``target_parameters``: a rank-r pair per expert). peft
+  ``experts.down_proj [E, d, m]`` (peft ``target_parameters``: a rank-r pair per expert; peft
+  applies it inside the call of ``moe.RoutedExperts``, which owns the stacked weights). peft
   cannot apply dropout to a LoRA on a weight tensor (its ParamWrapper refuses
   ``lora_dropout != 0``), so the expert LoRA is a second adapter with dropout 0; both are active.
 - The router scale v (``router.scale``), at its own learning rate (1e-3), no weight decay. Its
@@ -47,7 +48,6 @@ import math
 import os
 import shutil
 import time
-import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -57,7 +57,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .experts import expert_counts, run_experts
 from .moe import CMoEMLP, moe_layers
 
 STATE_FILE = "state.safetensors"
@@ -146,45 +145,6 @@ class FinetuneReport:
 # --------------------------------------------------------------------------- model set-up
 
 
-def _experts_forward(self, x, idx, weight, act: str, impl: str):
-    """Routed experts as a module call: ``x [T, d], idx/weight [T, a] -> [T, d]``."""
-    return run_experts(impl, x, idx, weight, self.gate_up_proj, self.down_proj, act)
-
-
-def _moe_forward(self, hidden: torch.Tensor, impl: str | None = None) -> torch.Tensor:
-    """``CMoEMLP.forward`` with the routed experts called as a module (see ``_call_experts_as_module``;
-    ``test_training_forward_equals_the_module_forward`` keeps the two in step)."""
-    shape = hidden.shape
-    x = hidden.reshape(-1, shape[-1])  # [T, d]
-    out = self.shared(x)
-    if self.spec.top_k > 0:
-        idx, weight, probs = self.route(x)
-        if self.collect_load:
-            self.expert_load += expert_counts(idx, self.spec.num_experts)
-        if self.keep_router_probs:
-            self.last_router_probs = probs
-        out = out + self.experts(x, idx, weight, self.spec.act, impl or self.impl)
-    return out.reshape(shape)
-
-
-def _call_experts_as_module(layers: list[CMoEMLP]) -> bool:
-    """peft applies a ``target_parameters`` LoRA only inside the forward of the module that owns
-    the parameter (it parametrizes the weight there). ``CMoEMLP`` reads its stacked expert
-    weights directly, so, until ``moe.RoutedExperts`` has a forward of its own that CMoEMLP
-    calls, give each instance one for the duration of the fine-tuning. Returns whether it did."""
-    needed = [m for m in layers if type(m.experts).forward is nn.Module.forward]
-    for m in needed:
-        m.experts.forward = types.MethodType(_experts_forward, m.experts)
-        m.forward = types.MethodType(_moe_forward, m)
-    return bool(needed)
-
-
-def _restore_forwards(layers: list[CMoEMLP]) -> None:
-    for m in layers:
-        for mod in (m, m.experts):
-            mod.__dict__.pop("forward", None)
-
-
 def _lora_targets(model: nn.Module, cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
     """Full names of the nn.Linear modules and of the stacked expert parameters to adapt."""
     linear = []
@@ -224,7 +184,6 @@ def add_lora(model: nn.Module, config: FinetuneConfig | None = None):
             "router scale are all switched off"
         )
     model._cmoe_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    _call_experts_as_module(layers)
     lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, bias="none")
     adapters = {}
     if linear:
@@ -261,7 +220,6 @@ def merge(peft_model, discard: bool = False) -> nn.Module:
     else:
         model = peft_model
     layers = moe_layers(model)
-    _restore_forwards(layers)
     dtype = layers[0].shared_gate_up.weight.dtype
     for m in layers:
         m.router.scale.data = m.router.scale.data.to(dtype)
