@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -46,6 +47,11 @@ def render(table: Table) -> str:
     return console.file.getvalue()
 
 
+def _num(value, fmt: str) -> str:
+    """A statistic, or "-" where the recipe does not define it (NaN)."""
+    return "-" if value is None or math.isnan(value) else format(value, fmt)
+
+
 def layer_table(model: nn.Module, report: dict | None = None) -> Table:
     """Per layer: shared size, routed experts x size, top-k, activated FFN fraction (and the
     conversion statistics when a report is given)."""
@@ -62,8 +68,8 @@ def layer_table(model: nn.Module, report: dict | None = None) -> Table:
                f"{s.active_size / s.intermediate_size:.1%}"]
         if i in stats:
             st = stats[i]["stats"]
-            row += [f"{st['shared_rate']:.4f}", f"{st['routed_rate']:.4f}", f"{st['assignment_cost']:.4g}",
-                    f"{st['cohesion']:.4f}", f"{st.get('router_agreement', float('nan')):.3f}",
+            row += [_num(st["shared_rate"], ".4f"), _num(st["routed_rate"], ".4f"), _num(st["assignment_cost"], ".4g"),
+                    _num(st["cohesion"], ".4f"), _num(st.get("router_agreement", math.nan), ".3f"),
                     f"{stats[i]['seconds']:.2f}"]
         table.add_row(*row)
     return table
