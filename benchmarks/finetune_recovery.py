@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     tasks = [t for t in args.tasks.split(",") if t]
     if tasks:
         try:
-            import cmoe.tasks  # noqa: F401
+            from cmoe import tasks as _  # noqa: F401  (issue 4 part 2)
         except ImportError:
             print("cmoe.tasks is not available: skipping", tasks)
             tasks = []
