@@ -32,9 +32,11 @@ VARIANTS = {
     "+ k-means to convergence": (dict(recipe="paper", kmeans_iters=0), None),
     "+ linear router (ridge)": (dict(recipe="paper", router="linear"), None),
     "+ contrib partition": (dict(recipe="paper", features="contrib", kmeans_iters=0), None),
+    "+ down refit": (dict(recipe="paper", refit="down"), None),
     "+ budget allocation": (dict(recipe="paper", budget=True), None),
     "+ calib wiki+c4+code x2": (dict(recipe="paper"), MIX),
-    "plus (contrib + linear)": (dict(recipe="plus"), None),
+    "plus without refit": (dict(recipe="plus", refit="none"), None),
+    "plus (contrib + linear + refit)": (dict(recipe="plus"), None),
     "plus + budget": (dict(recipe="plus", budget=True), None),
     "plus + budget + calib mix": (dict(recipe="plus", budget=True), MIX),
 }

@@ -49,13 +49,22 @@ def machine(device: torch.device) -> str:
     return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def measure(model, tok, windows: dict, tasks: list[str], task_limit, name: str) -> dict:
+def measure(model, tok, windows: dict, tasks: list[str], task_limit, name: str, task_batch: int = 32) -> dict:
     out = {"ppl": {s: evaluate.perplexity(model, w, desc=f"{name} {s}") for s, w in windows.items()}}
     if tasks:
         from cmoe.tasks import run_tasks
 
-        out["tasks"] = run_tasks(model, tok, tasks, limit=task_limit)
+        out["tasks"] = run_tasks(model, tok, tasks, limit=task_limit, batch_size=task_batch)
     return out
+
+
+def show(name: str, r: dict) -> None:
+    """Print one model's numbers as soon as they are measured (a long run keeps what it did)."""
+    ppl = ", ".join(f"{s} {v:.2f}" for s, v in r["ppl"].items())
+    acc = ", ".join(f"{t} acc_norm {100 * m['acc_norm']:.1f} +- {100 * m['acc_norm_stderr']:.1f}"
+                    for t, m in r.get("tasks", {}).items())
+    print(f"{name}: {ppl}" + (f"; {acc}" if acc else "") + (f" ({r['seconds_label']})" if r.get("seconds_label") else ""),
+          flush=True)
 
 
 def recovery(free: float, ft_: float, dense: float) -> float:
@@ -101,6 +110,7 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--tasks", default="social_iqa", help="multiple-choice tasks via cmoe.tasks ('' for none)")
+    p.add_argument("--task-batch-size", type=int, default=32, help="sequences per forward when scoring tasks")
     p.add_argument("--task-limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--convert-device", default=None, help="where convert_ computes each layer (default: --device)")
@@ -134,7 +144,8 @@ def main(argv=None) -> dict:
     results = {"settings": vars(args), "machine": machine(device), "date": started.isoformat(), "models": {},
                "recovery": {}, "finetune": {}}
     dense_eval = copy.deepcopy(dense).to(device, dtype)
-    results["models"]["dense"] = measure(dense_eval, tok, windows, tasks, args.task_limit, "dense")
+    results["models"]["dense"] = measure(dense_eval, tok, windows, tasks, args.task_limit, "dense", args.task_batch_size)
+    show("dense", results["models"]["dense"])
     del dense_eval
     for name in args.configs.split(","):
         model = copy.deepcopy(dense)  # float32, on the CPU: convert_ moves one layer at a time to the device
@@ -143,13 +154,15 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         cmoe.convert_(model, cfg, calib, device=args.convert_device or device)
         convert_s = time.perf_counter() - t0
-        free = measure(model.to(device, dtype), tok, windows, tasks, args.task_limit, f"{name} free")
+        free = measure(model.to(device, dtype), tok, windows, tasks, args.task_limit, f"{name} free", args.task_batch_size)
         free["seconds_label"] = f"convert {convert_s:.0f}"
         results["models"][f"{name} training-free"] = free
+        show(f"{name} training-free", free)
         report = ft.finetune_ids(model, train, fcfg, device=device, dtype=dtype)
-        tuned = measure(model, tok, windows, tasks, args.task_limit, f"{name} ft")
+        tuned = measure(model, tok, windows, tasks, args.task_limit, f"{name} ft", args.task_batch_size)
         tuned["seconds_label"] = f"finetune {report.seconds:.0f}"
         results["models"][f"{name} fine-tuned"] = tuned
+        show(f"{name} fine-tuned", tuned)
         results["finetune"][name] = {"seconds": report.seconds, "steps": report.steps, "tokens": report.tokens,
                                      "trainable_parameters": report.trainable_parameters,
                                      "loss_first": report.losses[0], "loss_last": report.losses[-1],

@@ -23,6 +23,7 @@ from .clustering import balanced_kmeans, shared_and_candidates
 from .config import CMoEConfig
 from .families import FFNWeights
 from .moe import CMoEMLP, MoELayerSpec
+from .refit import refit_down
 from .routing import expert_output_norms, fit_linear_router, topk_agreement
 
 
@@ -36,6 +37,8 @@ class CarveStats:
     cohesion: float  # markers: mean L1 to the centroid / T (lower is better); contrib: mean cosine (higher)
     kmeans_iters: int
     router_agreement: float = math.nan  # mean |top-a(router) & top-a(oracle)| / a on calibration tokens
+    error_before_refit: float = math.nan  # |y_dense - y_moe|^2 / |y_dense|^2 on the fit tokens
+    error: float = math.nan  # the same after the refit (equal without one)
     shared_size: int = 0
     num_experts: int = 0
     top_k: int = 0
@@ -146,5 +149,7 @@ def carve(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[CMoEMLP, Car
         part, stats = partition_contrib(w, x, cfg)
     moe = build_moe(w, part, cfg, dtype=w.gate.dtype)
     stats.router_agreement = fit_router(moe, x, cfg)
+    if cfg.refit == "down":
+        stats.error_before_refit, stats.error = refit_down(moe, x[:: max(1, x.shape[0] // cfg.fit_tokens)], cfg.refit_ridge)
     stats.shared_size, stats.num_experts, stats.top_k = moe.spec.shared_size, moe.spec.num_experts, moe.spec.top_k
     return moe, stats

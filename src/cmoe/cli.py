@@ -36,10 +36,13 @@ def _add_convert(sub) -> None:
     p.add_argument("--k-act", type=int, default=10, help="K_a of the ATopK markers (default 10)")
     p.add_argument("--kmeans-iters", type=int, default=None, help="balanced k-means iterations; 0 = to convergence (default: the recipe's)")
     p.add_argument("--recipe", default=None, help="algorithm bundle: plus (default: contribution features, "
-                   "k-means to convergence, fitted linear router) or paper (the paper's algorithm exactly)")
+                   "k-means to convergence, fitted linear router, down refit) or paper (the paper's algorithm exactly)")
     p.add_argument("--router", default=None, help="analytical or linear (ridge-fitted to expert output norms); default: the recipe's")
     p.add_argument("--features", default=None, help="neuron features for the partition: markers (paper) or contrib; default: the recipe's")
     p.add_argument("--ridge", type=float, default=None, help="linear router ridge strength (default 1e-2)")
+    p.add_argument("--refit", default=None, help="none or down (least-squares down projections under the "
+                   "routing, cmoe.refit); default: the recipe's")
+    p.add_argument("--refit-ridge", type=float, default=None, help="ridge strength of the down refit (default 0.1)")
     p.add_argument("--budget", type=float, default=None, help="model-wide activated FFN fraction spread over layers by "
                    "measured sensitivity (e.g. 0.5; --config then only sets the number of experts)")
     p.add_argument("--min-active", type=float, default=None, help="with --budget: lowest activated fraction of a layer (default 0.125)")
@@ -64,7 +67,7 @@ def cmd_convert(args) -> None:
         console.print("[bold]cmoe demo[/]: SmolLM2-135M-Instruct, calibration on the wiki sample, "
                       f"{args.config}, then dense vs converted perplexity")
     eval_sources = _csv(args.eval if args.eval is not None else ("wiki,c4" if demo else ""))
-    algo = {k: getattr(args, k) for k in ("recipe", "router", "features", "ridge", "budget", "min_active",
+    algo = {k: getattr(args, k) for k in ("recipe", "router", "features", "ridge", "refit", "refit_ridge", "budget", "min_active",
                                            "max_active", "kmeans_iters") if getattr(args, k) is not None}
     cfg = CMoEConfig.parse(
         args.config, k_act=args.k_act, calib_samples=args.samples, calib_seqlen=args.seqlen, seed=args.seed, **algo

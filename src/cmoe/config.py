@@ -17,11 +17,12 @@ class ConfigError(ValueError):
 #   plus:  issue 5: neurons described by their output contribution |h_i| |W_down[:, i]|,
 #          balanced k-means to convergence, closed-form ridge linear router.
 RECIPES: dict[str, dict] = {
-    "paper": dict(features="markers", kmeans_iters=1, router="analytical"),
-    "plus": dict(features="contrib", kmeans_iters=0, router="linear"),
+    "paper": dict(features="markers", kmeans_iters=1, router="analytical", refit="none"),
+    "plus": dict(features="contrib", kmeans_iters=0, router="linear", refit="down"),
 }
 DEFAULT_RECIPE = "plus"  # measured better (docs/benchmarks/quality.md); "paper" reproduces the paper
 FEATURES = ("markers", "contrib")
+REFITS = ("none", "down")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ class CMoEConfig:
     ``recipe`` ("paper" or "plus", see ``RECIPES``) fills every algorithm field left at None:
     ``features`` ("markers": the paper's binary ATopK columns; "contrib": per-token output
     contribution of each neuron), ``kmeans_iters`` (0: until the assignment stops changing),
-    ``router`` ("analytical" or "linear": ridge-fitted to the experts' output norms).
+    ``router`` ("analytical" or "linear": ridge-fitted to the experts' output norms),
+    ``refit`` ("none" or "down": least-squares down projections for the neurons each calibration
+    token uses under the routing, ``cmoe.refit``).
     ``budget``: activated fraction of all FFN neurons of the model, spread over the layers by
     measured sensitivity (None: every layer S{s}A{a}E{e}; see ``cmoe.allocation``);
     ``min_active``/``max_active`` bound each layer's activated fraction under a budget.
@@ -51,9 +54,11 @@ class CMoEConfig:
     router: str | None = None
     recipe: str = DEFAULT_RECIPE
     features: str | None = None
+    refit: str | None = None
     ridge: float = 1e-2  # linear router: ridge strength relative to the mean diagonal of x^T x
     cluster_tokens: int = 4096  # "contrib" features: calibration tokens (evenly strided) used for the partition
-    fit_tokens: int = 8192  # calibration tokens (evenly strided) for the linear router fit and the agreement statistic
+    fit_tokens: int = 16384  # calibration tokens (evenly strided) for the router fit, the refit and the agreement statistic
+    refit_ridge: float = 0.1  # refit="down": ridge strength relative to the mean diagonal of the masked activations' Gram
     budget: float | None = None
     min_active: float = 0.125
     max_active: float = 1.0
@@ -70,6 +75,10 @@ class CMoEConfig:
             raise ConfigError(f"unknown router {self.router!r}; available: {sorted(ROUTERS)}")
         if self.features not in FEATURES:
             raise ConfigError(f"unknown features {self.features!r}; available: {list(FEATURES)}")
+        if self.refit not in REFITS:
+            raise ConfigError(f"unknown refit {self.refit!r}; available: {list(REFITS)}")
+        if self.refit_ridge < 0:
+            raise ConfigError(f"refit_ridge={self.refit_ridge} must be >= 0")
         if self.ridge < 0 or self.cluster_tokens < 1 or self.fit_tokens < 1:
             raise ConfigError(
                 f"ridge={self.ridge} must be >= 0, cluster_tokens={self.cluster_tokens} and "
