@@ -5,7 +5,7 @@ and ptb-test (same windows for every row) and conversion time. Prints a markdown
     python benchmarks/ablation.py                                   # everything, CPU (slow)
     python benchmarks/ablation.py --save-tokens tokens.safetensors  # tokenise once, here
     python benchmarks/ablation.py --model SmolLM2-135M-Instruct.Q4_1.gguf --tokens tokens.safetensors --device cuda
-    python benchmarks/ablation.py --fractions 0.5 --variants paper,plus --windows 2   # a quick subset
+    python benchmarks/ablation.py --fractions 0.5 --variants "paper,plus (default)" --windows 2   # a quick subset
 
 Protocol: the core issue's (ppl_table.py): calibration 8 x 2048 wiki tokens (seed 0) unless a
 variant says otherwise; the first --windows 2048-token windows of each held-out split.
@@ -26,19 +26,22 @@ from cmoe import evaluate
 # activated fraction -> the uniform S{s}A{a}E{e} of the paper at that fraction
 FRACTIONS = {0.75: "S3A3E8", 0.5: "S2A2E8", 0.375: "S3A3E16", 0.25: "S1A1E8"}
 MIX = ("wiki+c4+code", 16)  # calibration variant: mixture, twice the tokens
-# name -> (CMoEConfig overrides; "budget": True = the row's fraction as a global budget, calibration)
+WIKI_C4 = ("wiki+c4", 8)  # calibration variant: mixture, same number of tokens
+# name -> (CMoEConfig overrides, calibration (source, samples) or None for the default)
 VARIANTS = {
     "paper": (dict(recipe="paper"), None),
     "+ k-means to convergence": (dict(recipe="paper", kmeans_iters=0), None),
     "+ linear router (ridge)": (dict(recipe="paper", router="linear"), None),
     "+ contrib partition": (dict(recipe="paper", features="contrib", kmeans_iters=0), None),
     "+ down refit": (dict(recipe="paper", refit="down"), None),
-    "+ budget allocation": (dict(recipe="paper", budget=True), None),
+    "+ sensitivity allocation": (dict(recipe="paper", allocation="sensitivity"), None),
+    "+ calib wiki+c4": (dict(recipe="paper"), WIKI_C4),
     "+ calib wiki+c4+code x2": (dict(recipe="paper"), MIX),
-    "plus without refit": (dict(recipe="plus", refit="none"), None),
-    "plus (contrib + linear + refit)": (dict(recipe="plus"), None),
-    "plus + budget": (dict(recipe="plus", budget=True), None),
-    "plus + budget + calib mix": (dict(recipe="plus", budget=True), MIX),
+    "plus uniform no refit": (dict(recipe="plus", allocation="uniform", refit="none"), None),
+    "plus uniform": (dict(recipe="plus", allocation="uniform"), None),
+    "plus (default)": (dict(recipe="plus"), None),
+    "plus + calib wiki+c4": (dict(recipe="plus"), WIKI_C4),
+    "plus + calib wiki+c4+code x2": (dict(recipe="plus"), MIX),
 }
 
 
@@ -64,9 +67,6 @@ def main(argv=None) -> None:
         preset = FRACTIONS[frac]
         for name in variants:
             kw, cal = VARIANTS[name]
-            kw = dict(kw)
-            if kw.pop("budget", False):
-                kw["budget"] = frac
             source, samples = cal or (args.calib, args.samples)
             ids = calib[calib_key(source, samples, args)]
             cfg = cmoe.CMoEConfig.parse(preset, calib_samples=samples, calib_seqlen=args.seqlen, **kw)
@@ -82,20 +82,20 @@ def main(argv=None) -> None:
                   + f", {seconds:.1f} s", flush=True)
             del model
 
-    print(f"\n| active FFN | config | variant | " + " | ".join(sources) + " | gap cut (mean) | router/oracle top-a | dense layers | convert s |")
+    print(f"\n| active FFN | config | variant | " + " | ".join(sources) + " | gap cut " + " / ".join(sources)
+          + " | router/oracle top-a | dense layers | convert s |")
     print("|---" * (8 + len(sources)) + "|")
     print(f"| 100 % | dense | - | " + " | ".join(f"{base[s]:.2f}" for s in sources) + " | - | - | - | - |")
     paper = {r[0]: r[6] for r in rows if r[2] == "paper"}
     for frac, preset, name, seconds, agree, dense_layers, ppl in rows:
         cut = "-"
         if frac in paper and name != "paper":
-            cuts = [1 - (ppl[s] - base[s]) / (paper[frac][s] - base[s]) for s in sources]
-            cut = f"{100 * sum(cuts) / len(cuts):.0f} %"
+            cut = " / ".join(f"{100 * (1 - (ppl[s] - base[s]) / (paper[frac][s] - base[s])):.0f}" for s in sources) + " %"
         print(f"| {frac:.1%} | {preset} | {name} | " + " | ".join(f"{ppl[s]:.2f}" for s in sources)
               + f" | {cut} | {agree:.3f} | {dense_layers} | {seconds:.1f} |")
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"\ndevice: {dev}, torch {torch.__version__}; {args.windows} x {args.seqlen}-token windows per source; "
-          f"gap cut = 1 - (PPL - dense) / (paper PPL - dense), averaged over sources")
+          f"gap cut = 1 - (PPL - dense) / (paper PPL - dense), per source")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_linear_router_works_with_every_expert_impl(impl):
 
 def test_plus_partition_is_balanced_and_reports_cohesion_and_agreement():
     model = tiny_model("llama")
-    report = convert(model, "S3A2E8", recipe="plus")
+    report = convert(model, "S3A2E8", recipe="plus", allocation="uniform")
     for moe, r in zip(cmoe.moe_layers(model), report.layers):
         assert sorted(moe.neuron_index.tolist()) == list(range(96))
         assert moe.spec.shared_size == 36 and moe.experts.gate_up_proj.shape == (5, 24, 64)
@@ -163,3 +163,18 @@ def test_default_recipe_all_experts_active_equals_dense_every_family(model_type)
     dense = logits(model, ids)
     convert(model, "S2A6E8")
     torch.testing.assert_close(logits(model, ids), dense, rtol=1e-4, atol=1e-4)
+
+
+def test_allocation_setting_spreads_the_presets_fraction_and_is_validated():
+    assert CMoEConfig.parse("S2A2E8", recipe="paper").allocation == "uniform"
+    cfg = CMoEConfig.parse("S2A2E8", recipe="plus")
+    assert cfg.allocation == "sensitivity" and cfg.active_fraction == 0.5 and cfg.budget is None
+    assert CMoEConfig.parse("S2A2E8", recipe="paper", budget=0.25).allocation == "sensitivity"
+    with pytest.raises(ConfigError, match="allocation='sensitivity'"):
+        CMoEConfig.parse("S2A2E8", allocation="uniform", budget=0.5)
+    with pytest.raises(ConfigError, match="unknown allocation"):
+        CMoEConfig.parse("S2A2E8", allocation="nope")
+    model = tiny_model("llama", num_hidden_layers=4)
+    report = convert(model, "S2A2E8")  # the default recipe: (s + a) / e = 0.5 spread over the layers
+    assert report.sensitivity is not None
+    assert param_summary(model).ffn_active_fraction == 0.5

@@ -89,12 +89,12 @@ def allocate(costs: torch.Tensor, cfg: CMoEConfig) -> list[LayerAllocation]:
     """``costs [L, e + 1]`` -> the per-layer allocation minimising the total cost with
     ``sum k_l = budget * L * e`` exactly and ``min_active <= k_l / e <= max_active``."""
     L, e = costs.shape[0], cfg.experts
-    total = budget_units(cfg.budget, L, e)
+    total = budget_units(cfg.active_fraction, L, e)
     lo = max(1, math.ceil(cfg.min_active * e - 1e-9))
     hi = min(e, math.floor(cfg.max_active * e + 1e-9))
     if not L * lo <= total <= L * hi:
         raise ConfigError(
-            f"budget {cfg.budget} is outside what the per-layer limits allow: "
+            f"budget {cfg.active_fraction:g} is outside what the per-layer limits allow: "
             f"[{L * lo / (L * e):.4g}, {L * hi / (L * e):.4g}] (min_active={cfg.min_active}, max_active={cfg.max_active})"
         )
     c = costs.double().tolist()

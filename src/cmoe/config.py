@@ -17,12 +17,13 @@ class ConfigError(ValueError):
 #   plus:  issue 5: neurons described by their output contribution |h_i| |W_down[:, i]|,
 #          balanced k-means to convergence, closed-form ridge linear router.
 RECIPES: dict[str, dict] = {
-    "paper": dict(features="markers", kmeans_iters=1, router="analytical", refit="none"),
-    "plus": dict(features="contrib", kmeans_iters=0, router="linear", refit="down"),
+    "paper": dict(features="markers", kmeans_iters=1, router="analytical", refit="none", allocation="uniform"),
+    "plus": dict(features="contrib", kmeans_iters=0, router="linear", refit="down", allocation="sensitivity"),
 }
 DEFAULT_RECIPE = "plus"  # measured better (docs/benchmarks/quality.md); "paper" reproduces the paper
 FEATURES = ("markers", "contrib")
 REFITS = ("none", "down")
+ALLOCATIONS = ("uniform", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,10 @@ class CMoEConfig:
     ``router`` ("analytical" or "linear": ridge-fitted to the experts' output norms),
     ``refit`` ("none" or "down": least-squares down projections for the neurons each calibration
     token uses under the routing, ``cmoe.refit``).
-    ``budget``: activated fraction of all FFN neurons of the model, spread over the layers by
-    measured sensitivity (None: every layer S{s}A{a}E{e}; see ``cmoe.allocation``);
+    ``allocation`` ("uniform": every layer S{s}A{a}E{e}; "sensitivity": the model-wide fraction
+    ``budget``, by default (s + a) / e, spread over the layers by measured sensitivity, see
+    ``cmoe.allocation``); ``budget``: that activated fraction of all FFN neurons of the model
+    (setting it implies allocation "sensitivity");
     ``min_active``/``max_active`` bound each layer's activated fraction under a budget.
     """
 
@@ -55,10 +58,11 @@ class CMoEConfig:
     recipe: str = DEFAULT_RECIPE
     features: str | None = None
     refit: str | None = None
+    allocation: str | None = None
     ridge: float = 1e-2  # linear router: ridge strength relative to the mean diagonal of x^T x
     cluster_tokens: int = 4096  # "contrib" features: calibration tokens (evenly strided) used for the partition
     fit_tokens: int = 16384  # calibration tokens (evenly strided) for the router fit, the refit and the agreement statistic
-    refit_ridge: float = 0.1  # refit="down": ridge strength relative to the mean diagonal of the masked activations' Gram
+    refit_ridge: float = 0.3  # refit="down": ridge strength relative to the mean diagonal of the masked activations' Gram
     budget: float | None = None
     min_active: float = 0.125
     max_active: float = 1.0
@@ -66,6 +70,8 @@ class CMoEConfig:
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {self.recipe!r}; available: {sorted(RECIPES)}")
+        if self.budget is not None and self.allocation is None:
+            object.__setattr__(self, "allocation", "sensitivity")
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
@@ -75,6 +81,10 @@ class CMoEConfig:
             raise ConfigError(f"unknown router {self.router!r}; available: {sorted(ROUTERS)}")
         if self.features not in FEATURES:
             raise ConfigError(f"unknown features {self.features!r}; available: {list(FEATURES)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; available: {list(ALLOCATIONS)}")
+        if self.allocation == "uniform" and self.budget is not None:
+            raise ConfigError(f"budget={self.budget} spreads neurons over layers: it needs allocation='sensitivity'")
         if self.refit not in REFITS:
             raise ConfigError(f"unknown refit {self.refit!r}; available: {list(REFITS)}")
         if self.refit_ridge < 0:
@@ -128,7 +138,7 @@ class CMoEConfig:
     @property
     def label(self) -> str:
         """e.g. "S3A3E8 plus", "E8 plus budget 0.5"."""
-        base = self.name if self.budget is None else f"E{self.experts} budget {self.budget:g}"
+        base = self.name if self.allocation == "uniform" else f"E{self.experts} budget {self.active_fraction:g}"
         return f"{base} {self.recipe}"
 
     def check_layer(self, intermediate_size: int) -> None:

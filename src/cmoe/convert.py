@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation
+from .analysis import check_activations
 from .carve import CarveStats, carve
 from .config import CMoEConfig, ConfigError
 from .families import family_of
@@ -155,6 +156,7 @@ def _sensitivity_pass(model, family, layers, hidden, calls, config, device, batc
         args, kwargs = _to(calls[i], device)
         mlp = getattr(layer, family.mlp_attr)
         x = _ffn_inputs(layer, mlp, hidden, args, kwargs, device, batch_size)
+        check_activations(x)
         hidden = torch.cat([_first(layer(h.to(device), *args, **kwargs)).to("cpu") for h in hidden.split(batch_size)])
         # typical residual-stream energy: d x the median per-dimension energy (robust to the few
         # "massive activation" dimensions that would otherwise make some layers look insensitive)
@@ -189,7 +191,7 @@ def convert_(
         if isinstance(mlp, CMoEMLP):
             raise ConfigError("the model is already converted")
         config.check_layer(family.read(mlp, model.config).intermediate_size)
-    if config.budget is not None:  # fail before any work
+    if config.allocation == "sensitivity":  # fail before any work
         allocation.allocate(torch.zeros(len(layers), config.experts + 1), config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -201,9 +203,9 @@ def convert_(
     store = "cpu"
     hidden, calls = _record_layer_calls(model, layers, calib_ids, store)  # [N, S, d]
     plan = [config] * len(layers)
-    if config.budget is not None:
+    if config.allocation == "sensitivity":
         report.sensitivity = _sensitivity_pass(model, family, layers, hidden, calls, config, device, batch_size).tolist()
-        plan = [config.replace(shared=a.shared, active=a.active, budget=None)
+        plan = [config.replace(shared=a.shared, active=a.active, budget=None, allocation="uniform")
                 for a in allocation.allocate(torch.tensor(report.sensitivity), config)]
     specs = []
     bar = tqdm(layers, desc=f"convert {config.name}", unit="layer", disable=not progress)
