@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     for name in args.configs:
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        convert_(model, CMoEConfig.parse(name, calib_samples=n, calib_seqlen=s), calib, device="cpu", progress=False)
+        cfg = CMoEConfig.parse(name, calib_samples=n, calib_seqlen=s, allocation="uniform")  # every layer SsAaEe
+        convert_(model, cfg, calib, device="cpu", progress=False)
         model.requires_grad_(False)
         conv_s = time.perf_counter() - t0
         ratios, moes = [], []

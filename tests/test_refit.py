@@ -73,3 +73,18 @@ def test_carve_with_refit_reports_both_errors():
     assert 0 < stats.error < stats.error_before_refit
     _, stats = carve(w, x, CMoEConfig.parse("S1A2E4", recipe="plus", refit="none"))
     assert stats.error != stats.error  # nan: not measured without a refit
+
+
+def test_layer_table_shows_the_refit_error_per_layer():
+    from conftest import calib, tiny_model
+
+    import cmoe
+    from cmoe.summary import layer_table, render
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    report = cmoe.convert_(model, CMoEConfig.parse("S1A2E4", calib_samples=4, calib_seqlen=32), calib(),
+                           device="cpu", progress=False)
+    text = render(layer_table(model, report.to_dict()))
+    assert "output error (refit)" in text
+    for r in report.layers:
+        assert f"{r.stats.error_before_refit:.3f} -> {r.stats.error:.3f}" in text

@@ -85,52 +85,16 @@ def build_dense(name: str, device="cuda", dtype=torch.bfloat16, layers: int | No
     return model.eval()
 
 
-@torch.no_grad()
-def random_moe_(model, preset: str, seed: int = 0):
-    """Development fallback when ``cmoe.convert_`` is unavailable: CMoE layers from each dense
-    FFN with a random balanced partition and random representative neurons."""
-    import torch.nn.functional as F
-
-    from cmoe.config import CMoEConfig
-    from cmoe.moe import CMoEMLP, MoELayerSpec
-
-    cfg = CMoEConfig.parse(preset)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-        f, d = gate.shape
-        m = f // cfg.experts
-        perm = torch.randperm(f, generator=g).to(gate.device)
-        sh = perm[: cfg.shared * m]
-        mem = perm[cfg.shared * m :].reshape(cfg.experts - cfg.shared, m)
-        spec = MoELayerSpec(d, sh.numel(), mem.shape[0], m, cfg.active, "silu")
-        moe = CMoEMLP(spec).to(device=gate.device, dtype=gate.dtype)
-        moe.shared_gate_up.weight.copy_(torch.cat([gate[sh], up[sh]]))
-        moe.shared_down.weight.copy_(down[:, sh])
-        moe.experts.gate_up_proj.copy_(torch.cat([gate[mem], up[mem]], dim=1))
-        moe.experts.down_proj.copy_(down[:, mem].permute(1, 0, 2))
-        reps = mem[:, 0]
-        moe.router.gate.copy_(F.normalize(gate[reps].float(), dim=-1))
-        moe.router.up.copy_(F.normalize(up[reps].float(), dim=-1))
-        moe.neuron_index.copy_(torch.cat([sh, mem.reshape(-1)]).to(torch.int32))
-        layer.mlp = moe
-    return model
-
-
 def convert_model_(model, preset: str, calib_tokens=(2, 512), seed: int = 0) -> str:
-    """Convert in place with ``cmoe.convert_`` on random calibration ids; falls back to
-    ``random_moe_`` if the converter is not importable. Returns which was used."""
-    try:
-        from cmoe import CMoEConfig, convert_
-    except ImportError:
-        random_moe_(model, preset, seed)
-        return "random partition (cmoe.convert_ unavailable)"
+    """Convert in place with ``cmoe.convert_`` on random calibration ids, every layer at the
+    preset's S/A/E (uniform allocation, so that each cell measures that configuration)."""
+    from cmoe import CMoEConfig, convert_
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     calib = torch.randint(0, model.config.vocab_size, calib_tokens, generator=g)
-    cfg = CMoEConfig.parse(preset, calib_samples=calib_tokens[0], calib_seqlen=calib_tokens[1])
+    cfg = CMoEConfig.parse(preset, calib_samples=calib_tokens[0], calib_seqlen=calib_tokens[1], allocation="uniform")
     convert_(model, cfg, calib.to(next(model.parameters()).device), device="cuda", progress=False)
-    return f"cmoe.convert_ ({calib_tokens[0]}x{calib_tokens[1]} random calibration tokens)"
+    return f"cmoe.convert_ ({calib_tokens[0]}x{calib_tokens[1]} random calibration tokens, uniform allocation)"
 
 
 def weight_bytes(model) -> dict:

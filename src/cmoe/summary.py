@@ -42,7 +42,7 @@ def param_summary(model: nn.Module) -> ParamSummary:
 
 
 def render(table: Table) -> str:
-    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(table)
     return console.file.getvalue()
 
@@ -50,6 +50,14 @@ def render(table: Table) -> str:
 def _num(value, fmt: str) -> str:
     """A statistic, or "-" where the recipe does not define it (NaN)."""
     return "-" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def _refit_error(st: dict) -> str:
+    """Relative FFN output error on the calibration tokens, before -> after the down refit."""
+    before, after = st.get("error_before_refit", math.nan), st.get("error", math.nan)
+    if before != before:
+        return "-"
+    return f"{before:.3f} -> {after:.3f}"
 
 
 def layer_table(model: nn.Module, report: dict | None = None) -> Table:
@@ -60,7 +68,8 @@ def layer_table(model: nn.Module, report: dict | None = None) -> Table:
         table.add_column(col, justify="right")
     stats = {r["layer"]: r for r in (report or {}).get("layers", [])}
     if stats:
-        for col in ("shared rate", "routed rate", "assign cost", "cohesion", "router/oracle top-a", "seconds"):
+        for col in ("shared rate", "routed rate", "assign cost", "cohesion", "router/oracle top-a",
+                    "output error (refit)", "seconds"):
             table.add_column(col, justify="right")
     for i, moe in enumerate(moe_layers(model)):
         s = moe.spec
@@ -70,7 +79,7 @@ def layer_table(model: nn.Module, report: dict | None = None) -> Table:
             st = stats[i]["stats"]
             row += [_num(st["shared_rate"], ".4f"), _num(st["routed_rate"], ".4f"), _num(st["assignment_cost"], ".4g"),
                     _num(st["cohesion"], ".4f"), _num(st.get("router_agreement", math.nan), ".3f"),
-                    f"{stats[i]['seconds']:.2f}"]
+                    _refit_error(st), f"{stats[i]['seconds']:.2f}"]
         table.add_row(*row)
     return table
 
