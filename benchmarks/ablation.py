@@ -84,7 +84,7 @@ def main(argv=None) -> None:
 
     print(f"\n| active FFN | config | variant | " + " | ".join(sources) + " | gap cut " + " / ".join(sources)
           + " | router/oracle top-a | dense layers | convert s |")
-    print("|---" * (8 + len(sources)) + "|")
+    print("|---" * (7 + len(sources)) + "|")
     print(f"| 100 % | dense | - | " + " | ".join(f"{base[s]:.2f}" for s in sources) + " | - | - | - | - |")
     paper = {r[0]: r[6] for r in rows if r[2] == "paper"}
     for frac, preset, name, seconds, agree, dense_layers, ppl in rows:
