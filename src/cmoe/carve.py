@@ -38,7 +38,7 @@ class CarveStats:
     kmeans_iters: int
     router_agreement: float = math.nan  # mean |top-a(router) & top-a(oracle)| / a on calibration tokens
     error_before_refit: float = math.nan  # |y_dense - y_moe|^2 / |y_dense|^2 on the fit tokens
-    error: float = math.nan  # the same after the refit (equal without one)
+    error: float = math.nan  # the same after the refit (NaN without a refit)
     shared_size: int = 0
     num_experts: int = 0
     top_k: int = 0
@@ -122,6 +122,12 @@ def partition_contrib(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[
     return part, stats
 
 
+def fit_sample(x: torch.Tensor, cfg: CMoEConfig) -> torch.Tensor:
+    """About ``cfg.fit_tokens`` evenly strided calibration tokens: what the router fit and the
+    down refit use (each costs one FFN pass over them)."""
+    return x[:: max(1, x.shape[0] // cfg.fit_tokens)]
+
+
 @torch.no_grad()
 def fit_router(moe: CMoEMLP, x: torch.Tensor, cfg: CMoEConfig) -> float:
     """Fit the linear router (if any) on the calibration inputs x [T, d]; return the router's
@@ -129,7 +135,7 @@ def fit_router(moe: CMoEMLP, x: torch.Tensor, cfg: CMoEConfig) -> float:
     spec = moe.spec
     if spec.num_experts == 0 or spec.top_k == 0:
         return 1.0
-    x = x[:: max(1, x.shape[0] // cfg.fit_tokens)]  # evenly strided tokens: the fit costs one FFN pass over them
+    x = fit_sample(x, cfg)
     norms = expert_output_norms(x, moe.experts.gate_up_proj, moe.experts.down_proj, spec.act)  # [T, E]
     if cfg.router == "linear":
         moe.router.weight.copy_(fit_linear_router(x, norms, cfg.ridge))
@@ -150,6 +156,6 @@ def carve(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[CMoEMLP, Car
     moe = build_moe(w, part, cfg, dtype=w.gate.dtype)
     stats.router_agreement = fit_router(moe, x, cfg)
     if cfg.refit == "down":
-        stats.error_before_refit, stats.error = refit_down(moe, x[:: max(1, x.shape[0] // cfg.fit_tokens)], cfg.refit_ridge)
+        stats.error_before_refit, stats.error = refit_down(moe, fit_sample(x, cfg), cfg.refit_ridge)
     stats.shared_size, stats.num_experts, stats.top_k = moe.spec.shared_size, moe.spec.num_experts, moe.spec.top_k
     return moe, stats

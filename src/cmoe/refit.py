@@ -73,7 +73,7 @@ def set_down_weights(moe: CMoEMLP, w: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def refit_down(moe: CMoEMLP, x: torch.Tensor, ridge: float = 1e-2, chunk: int = 4096) -> tuple[float, float]:
+def refit_down(moe: CMoEMLP, x: torch.Tensor, ridge: float = 0.3, chunk: int = 4096) -> tuple[float, float]:
     """Refit ``moe``'s down projections on the calibration inputs x [T, d] (see the module doc).
 
     Returns the relative output error ``|Y - Y_moe|^2 / |Y|^2`` on x before and after."""
