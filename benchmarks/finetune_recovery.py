@@ -11,7 +11,7 @@ for dense, training-free and fine-tuned alike:
 
 - held-out perplexity on wiki, c4, ptb (8 windows of 2048 tokens, ``cmoe.evaluate.perplexity``),
 - the recovery (PPL_free - PPL_ft) / (PPL_free - PPL_dense) per source (1 = back to dense),
-- social_iqa zero-shot acc_norm (``cmoe.tasks``, lm-eval's definition) when that module exists,
+- social_iqa zero-shot acc_norm (``cmoe.tasks``, lm-eval's definition),
 - the wall time of the conversion and of the fine-tune.
 
 All three models are evaluated in the same dtype on the same device: float32 on the CPU,
@@ -32,6 +32,7 @@ import torch
 
 import cmoe
 from cmoe import data, evaluate
+from cmoe.tasks import run_tasks
 from cmoe import finetune as ft
 
 
@@ -52,8 +53,6 @@ def machine(device: torch.device) -> str:
 def measure(model, tok, windows: dict, tasks: list[str], task_limit, name: str, task_batch: int = 32) -> dict:
     out = {"ppl": {s: evaluate.perplexity(model, w, desc=f"{name} {s}") for s, w in windows.items()}}
     if tasks:
-        from cmoe.tasks import run_tasks
-
         out["tasks"] = run_tasks(model, tok, tasks, limit=task_limit, batch_size=task_batch)
     return out
 
@@ -125,12 +124,6 @@ def main(argv=None) -> dict:
     dtype = ft.default_dtype(device)
     sources = [s for s in args.eval.split(",") if s]
     tasks = [t for t in args.tasks.split(",") if t]
-    if tasks:
-        try:
-            from cmoe import tasks as _  # noqa: F401  (issue 4 part 2)
-        except ImportError:
-            print("cmoe.tasks is not available: skipping", tasks)
-            tasks = []
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"{started:%Y-%m-%d %H:%M} UTC, {machine(device)}")
 

@@ -13,9 +13,10 @@ class ConfigError(ValueError):
 
 
 # Named bundles of algorithm choices. A field left at None in CMoEConfig takes its recipe's value.
-#   paper: method.md exactly (ATopK markers, one k-means step, analytical router).
+#   paper: method.md exactly (ATopK markers, one k-means step, analytical router, uniform layers).
 #   plus:  issue 5: neurons described by their output contribution |h_i| |W_down[:, i]|,
-#          balanced k-means to convergence, closed-form ridge linear router.
+#          balanced k-means to convergence, closed-form ridge linear router, least-squares
+#          down refit, the preset's fraction spread over layers by sensitivity.
 RECIPES: dict[str, dict] = {
     "paper": dict(features="markers", kmeans_iters=1, router="analytical", refit="none", allocation="uniform"),
     "plus": dict(features="contrib", kmeans_iters=0, router="linear", refit="down", allocation="sensitivity"),
