@@ -39,6 +39,7 @@ VARIANTS = {
     "+ calib wiki+c4+code x2": (dict(recipe="paper"), MIX),
     "plus uniform no refit": (dict(recipe="plus", allocation="uniform", refit="none"), None),
     "plus uniform": (dict(recipe="plus", allocation="uniform"), None),
+    "plus (refit to the FFN output)": (dict(recipe="plus", refit_stream=0.0), None),
     "plus (default)": (dict(recipe="plus"), None),
     "plus + calib wiki+c4": (dict(recipe="plus"), WIKI_C4),
     "plus + calib wiki+c4+code x2": (dict(recipe="plus"), MIX),
@@ -82,10 +83,10 @@ def main(argv=None) -> None:
                   + f", {seconds:.1f} s", flush=True)
             del model
 
-    print(f"\n| active FFN | config | variant | " + " | ".join(sources) + " | gap cut " + " / ".join(sources)
+    print("\n| active FFN | config | variant | " + " | ".join(sources) + " | gap cut " + " / ".join(sources)
           + " | router/oracle top-a | dense layers | convert s |")
     print("|---" * (7 + len(sources)) + "|")
-    print(f"| 100 % | dense | - | " + " | ".join(f"{base[s]:.2f}" for s in sources) + " | - | - | - | - |")
+    print("| 100 % | dense | - | " + " | ".join(f"{base[s]:.2f}" for s in sources) + " | - | - | - | - |")
     paper = {r[0]: r[6] for r in rows if r[2] == "paper"}
     for frac, preset, name, seconds, agree, dense_layers, ppl in rows:
         cut = "-"

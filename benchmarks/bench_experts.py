@@ -54,15 +54,16 @@ def make_moe(d, f, preset, dtype=torch.bfloat16):
     from cmoe.config import CMoEConfig
     from cmoe.moe import CMoEMLP, MoELayerSpec
 
-    cfg = CMoEConfig.parse(preset)
+    cfg = CMoEConfig.parse(preset)  # the default recipe's router
     m = f // cfg.experts
-    spec = MoELayerSpec(d, cfg.shared * m, cfg.experts - cfg.shared, m, cfg.active, "silu")
+    spec = MoELayerSpec(d, cfg.shared * m, cfg.experts - cfg.shared, m, cfg.active, "silu", cfg.router)
     moe = CMoEMLP(spec).cuda().to(dtype)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(std=0.02)
-        moe.router.gate.copy_(F.normalize(moe.router.gate.float(), dim=-1))
-        moe.router.up.copy_(F.normalize(moe.router.up.float(), dim=-1))
+        for name in ("gate", "up"):  # the analytical router's rows are unit vectors
+            if hasattr(moe.router, name):
+                getattr(moe.router, name).copy_(F.normalize(getattr(moe.router, name).float(), dim=-1))
         moe.router.scale.zero_()
     return moe
 
@@ -166,7 +167,11 @@ def main(argv=None) -> int:
 
 
 GEMV_CANDIDATES = [(8, 512, 4), (4, 1024, 4), (2, 1024, 4), (4, 512, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8)]
+FEW_CANDIDATES = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4), (32, 64, 4, 4)]
 GROUPED_CANDIDATES = [
+    dict(bt=32, gate_up=(32, 256, 4, 3), down=(64, 256, 4, 3)),
+    dict(bt=32, gate_up=(64, 256, 8, 3), down=(64, 256, 8, 3)),
+    dict(bt=64, gate_up=(32, 256, 4, 3), down=(64, 256, 4, 3)),
     dict(bt=16, gate_up=(64, 128, 4, 4), down=(64, 128, 4, 4)),
     dict(bt=16, gate_up=(32, 128, 4, 4), down=(32, 128, 4, 4)),
     dict(bt=16, gate_up=(32, 256, 4, 3), down=(64, 256, 4, 3)),
@@ -176,6 +181,11 @@ GROUPED_CANDIDATES = [
     dict(bt=128, gate_up=(64, 64, 8, 3), down=(128, 64, 8, 3)),
     dict(bt=128, gate_up=(128, 64, 8, 3), down=(256, 64, 8, 3)),
     dict(bt=128, gate_up=(64, 64, 4, 4), down=(128, 64, 4, 4)),
+    dict(bt=128, gate_up=(128, 64, 8, 4), down=(256, 64, 8, 4)),
+    dict(bt=128, gate_up=(128, 128, 8, 3), down=(128, 128, 8, 3)),
+    dict(bt=128, gate_up=(256, 64, 8, 3), down=(256, 64, 8, 3)),
+    dict(bt=64, gate_up=(128, 64, 4, 4), down=(256, 64, 8, 4)),
+    dict(bt=256, gate_up=(64, 64, 8, 3), down=(128, 64, 8, 3)),
 ]
 
 
@@ -191,7 +201,13 @@ def sweep(args) -> int:
             x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 idx, w, _ = te.fused_route(layers[0].router, x)
-                ref = te._grouped_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj, "silu")
+                fold = T <= te.SHARED_FOLD_MAX_TOKENS  # the shared expert inside the kernels, as in the op
+
+                def sh(lay):
+                    return (lay.shared_gate_up.weight, lay.shared_down.weight) if fold else None
+
+                ref = te._grouped_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj, "silu",
+                                          shared=sh(layers[0]))
 
                 def t_of(fn):
                     def run():
@@ -209,27 +225,47 @@ def sweep(args) -> int:
                                 continue
                             cfg = {"gate_up": gu, "down": dn}
                             try:
-                                t = t_of(lambda lay: te._gemv_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg))
+                                t = t_of(lambda lay: te._gemv_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg, sh(lay)))
                             except Exception as e:  # noqa: BLE001
                                 print("  fail", cfg, type(e).__name__)
                                 continue
                             res.append((t, "gemv", cfg))
+                if T <= te.FEW_MAX_TOKENS:
+                    for gu in FEW_CANDIDATES:
+                        for dn in FEW_CANDIDATES:
+                            if gu != dn and dn != FEW_CANDIDATES[1]:
+                                continue
+                            cfg = {"gate_up": gu, "down": dn}
+                            try:
+                                out = te._few_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj,
+                                                      "silu", cfg, sh(layers[0]))
+                                assert ((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+                                t = t_of(lambda lay: te._few_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj,
+                                                                     "silu", cfg, sh(lay)))
+                            except Exception as e:  # noqa: BLE001
+                                print("  fail", cfg, type(e).__name__, str(e)[:100])
+                                continue
+                            res.append((t, "few", cfg))
                 for cfg in GROUPED_CANDIDATES:
                     try:
-                        out = te._grouped_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj, "silu", cfg)
+                        out = te._grouped_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj, "silu", cfg,
+                                                  sh(layers[0]))
                         assert ((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
-                        t = t_of(lambda lay: te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg))
+                        t = t_of(lambda lay: te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg,
+                                                                 sh(lay)))
                     except Exception as e:  # noqa: BLE001
                         print("  fail", cfg, type(e).__name__, str(e)[:100])
                         continue
                     res.append((t, "grouped", cfg))
                 res.sort(key=lambda r: r[0])
                 touched = int(torch.unique(idx).numel())
-                mb = (touched * 3 * d * s.expert_size * 2) / 1e6
-                print(f"{preset} T={T} touched={touched} ({mb:.0f} MB) router {t_r:.1f} us; best:")
+                mb = ((touched * s.expert_size + (s.shared_size if fold else 0)) * 3 * d * 2) / 1e6
+                print(f"{preset} T={T} touched={touched} shared folded={fold} ({mb:.0f} MB) router {t_r:.1f} us; best:")
                 for t, kind, cfg in res[:4]:
                     print(f"   {t:7.1f} us {mb / t * 1e-3 * 1e3:6.2f} TB/s  {kind} {cfg}")
-                cur = [r for r in res if r[2] in (te.GEMV_CONFIG, te.grouped_config(T * s.top_k))]
+                cur = [r for r in res if r[2] in (te.GEMV_CONFIG, te.FEW_CONFIG, te.grouped_config(T * s.top_k))]
+                if not cur:
+                    print("   current config not among the candidates")
                 for t, kind, cfg in cur:
                     print(f"   current: {t:7.1f} us {kind} {cfg}")
         del layers

@@ -95,7 +95,7 @@ def test_router_scale_gradient_is_the_derivative_through_p(router):
 
     (grad,) = torch.autograd.grad(loss(), moe.router.scale)
     direction = torch.randn(grad.shape, generator=torch.Generator().manual_seed(0), dtype=grad.dtype)
-    eps = 1e-3
+    eps = 1e-2  # the loss is smooth in v; a larger step keeps float32 rounding in p out of the difference
     with torch.no_grad():
         moe.router.scale += eps * direction
         up = loss()

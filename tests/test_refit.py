@@ -88,3 +88,74 @@ def test_layer_table_shows_the_refit_error_per_layer():
     assert "output error (refit)" in text
     for r in report.layers:
         assert f"{r.stats.error_before_refit:.3f} -> {r.stats.error:.3f}" in text
+
+
+def test_refit_toward_the_dense_output_is_the_plain_refit():
+    """``toward`` equal to the dense FFN's output: the same target, the same down weights."""
+    w, x = ffn(seed=9)
+    moe, _ = carve(w, x, CMoEConfig.parse("S2A2E8", refit="none"))
+    plain, pulled = copy.deepcopy(moe), copy.deepcopy(moe)
+    refit_down(plain, x, ridge=1e-2)
+    refit_down(pulled, x, ridge=1e-2, toward=dense_out(w, x), stream=1.0)
+    torch.testing.assert_close(down_weights(pulled), down_weights(plain), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stream", [0.5, 1.0])
+def test_refit_toward_a_shifted_target_fits_that_target(stream):
+    """The target moves by ``stream`` toward ``toward``; the reported errors are against it."""
+    w, x = ffn(seed=11)
+    moe, _ = carve(w, x, CMoEConfig.parse("S2A2E8", refit="none"))
+    y = dense_out(w, x)
+    toward = y + 0.3 * y.std() * torch.randn(y.shape, generator=torch.Generator().manual_seed(0)) + 0.1 * y.roll(1, 1)
+    target = y + stream * (toward - y)
+    fitted = copy.deepcopy(moe)
+    before, after = refit_down(fitted, x, ridge=1e-3, toward=toward, stream=stream)
+    with torch.no_grad():
+        err = lambda m: ((m(x) - target).pow(2).sum() / target.pow(2).sum()).item()  # noqa: E731
+    assert before == pytest.approx(err(moe), rel=1e-4)
+    assert after == pytest.approx(err(fitted), rel=1e-3)
+    assert after < before
+
+
+@pytest.mark.parametrize("stream", [-0.1, 1.5])
+def test_refit_stream_must_be_a_fraction(stream):
+    from cmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="refit_stream"):
+        CMoEConfig.parse("S2A2E8", refit_stream=stream)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_stream_refit_keeps_the_all_active_model_dense(family):
+    """Every expert active: the converted and dense streams coincide, so pulling the refit
+    toward the dense stream changes nothing and the model still computes the dense function."""
+    from conftest import calib, tiny_model
+
+    import cmoe
+
+    model = tiny_model(family, num_hidden_layers=2)
+    ids = calib()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    cfg = CMoEConfig.parse("S1A3E4", calib_samples=4, calib_seqlen=32, refit_stream=1.0, allocation="uniform")
+    cmoe.convert_(model, cfg, ids, device="cpu", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_refit_changes_a_sparse_conversion():
+    """A sparse layer with the stream target: the down weights differ from the plain refit's,
+    and the first layer (no upstream error yet) differs only through its own error."""
+    from conftest import calib, tiny_model
+
+    import cmoe
+
+    ids = calib()
+    downs = {}
+    for stream in (0.0, 1.0):
+        model = tiny_model("llama", num_hidden_layers=2)
+        cfg = CMoEConfig.parse("S1A1E4", calib_samples=4, calib_seqlen=32, refit_stream=stream, allocation="uniform")
+        cmoe.convert_(model, cfg, ids, device="cpu", progress=False)
+        downs[stream] = [down_weights(m) for m in cmoe.moe_layers(model)]
+    torch.testing.assert_close(downs[0.0][0], downs[1.0][0], rtol=1e-4, atol=1e-5)  # layer 0: same inputs, same target
+    assert not torch.allclose(downs[0.0][1], downs[1.0][1], rtol=1e-3, atol=1e-4)  # layer 1: corrects layer 0's error

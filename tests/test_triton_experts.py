@@ -14,8 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from cmoe import experts  # noqa: E402
-from cmoe.moe import AnalyticalRouter, CMoEMLP, MoELayerSpec, Router  # noqa: E402
+from cmoe import activations, experts  # noqa: E402
+from cmoe.moe import ROUTERS, CMoEMLP, MoELayerSpec  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -48,7 +48,7 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("impl", ["gather", "grouped", "select"])
 @pytest.mark.parametrize("T,a", [(1, 1), (3, 2), (17, 3)])
 def test_torch_paths_match_loop(impl, T, a):
-    x, idx, w, gu, dn = problem(T, a, E=5, dtype=torch.float32)
+    x, idx, w, gu, dn = problem(T, a, E=5, d=48, m=24, dtype=torch.float32)  # grouped_mm: 16-byte aligned rows
     if impl == "grouped" and DEVICE == "cuda":
         x, gu, dn = x.bfloat16(), gu.bfloat16(), dn.bfloat16()
     out = experts.EXPERT_IMPLS[impl](x, idx, w, gu, dn, "silu")
@@ -67,6 +67,8 @@ if DEVICE == "cpu" and not te._INTERPRET:
 def _run(path, x, idx, w, gu, dn, act):
     if path == "gemv":
         return te._gemv_experts(x, idx, w, gu, dn, act)
+    if path == "few":
+        return te._few_experts(x, idx, w, gu, dn, act)
     if path == "grouped":
         return te._grouped_experts(x, idx, w, gu, dn, act)
     if path == "grouped-sorted":  # the torch-ops alignment used for very many pairs
@@ -83,11 +85,13 @@ CASES = [(1, 1, 4), (1, 3, 5), (3, 2, 6), (17, 3, 6), (129, 2, 8)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("path", ["op", "gemv", "grouped", "grouped-sorted"])
+@pytest.mark.parametrize("path", ["op", "gemv", "few", "grouped", "grouped-sorted"])
 @pytest.mark.parametrize("T,a,E", CASES)
 def test_triton_matches_loop(path, T, a, E, dtype):
     if path == "gemv" and T > 17:
         pytest.skip("the GEMV path serves few tokens (and is slow in the interpreter)")
+    if path == "few" and T > te.FEW_MAX_TOKENS:
+        pytest.skip("the few-token path serves up to FEW_MAX_TOKENS tokens")
     act = ACTS[(T + a) % len(ACTS)]
     x, idx, w, gu, dn = problem(T, a, E, d=36, m=20, dtype=dtype, seed=T * 10 + a)
     out = _run(path, x, idx, w, gu, dn, act)
@@ -96,7 +100,7 @@ def test_triton_matches_loop(path, T, a, E, dtype):
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("path", ["gemv", "grouped"])
+@pytest.mark.parametrize("path", ["gemv", "few", "grouped"])
 def test_every_activation(act, path):
     x, idx, w, gu, dn = problem(5, 2, 5, d=40, m=24, seed=3)
     assert rel_err(_run(path, x, idx, w, gu, dn, act), oracle(x, idx, w, gu, dn, act)) < TOL[torch.float32]
@@ -108,6 +112,58 @@ def test_no_tokens_and_aliases():
     x, idx, w, gu, dn = problem(2, 1, 4)
     ref = oracle(x, idx, w, gu, dn, "silu")
     assert rel_err(experts.run_experts("triton", x, idx, w, gu, dn, "swish"), ref) < 1e-4  # HF alias
+
+
+def _shared(ms, d=36, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sgu = torch.randn(2 * ms, d, generator=g) / d**0.5
+    sd = torch.randn(d, ms, generator=g) / max(ms, 1) ** 0.5
+    return sgu.to(DEVICE, dtype), sd.to(DEVICE, dtype)
+
+
+def shared_oracle(x, sgu, sd, act):
+    g, u = (x.double() @ sgu.double().T).chunk(2, dim=-1)
+    return (activations.apply(act, g) * u) @ sd.double().T
+
+
+# ms = 40: two whole pieces of m = 20; 33 and 7: a partial last piece
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["gemv", "few", "grouped", "op"])
+@pytest.mark.parametrize("T,a,E,ms", [(1, 1, 4, 40), (1, 3, 5, 33), (3, 2, 6, 7), (17, 3, 6, 45), (70, 2, 7, 20)])
+def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype):
+    if path == "gemv" and T > 3:
+        pytest.skip("the GEMV path serves few tokens (and is slow in the interpreter)")
+    if path == "few" and T > te.FEW_MAX_TOKENS:
+        pytest.skip("the few-token path serves up to FEW_MAX_TOKENS tokens")
+    act = ACTS[(T + ms) % len(ACTS)]
+    x, idx, w, gu, dn = problem(T, a, E, d=36, m=20, dtype=dtype, seed=ms)
+    sgu, sd = _shared(ms, dtype=dtype, seed=ms)
+    if path == "op":
+        out = experts.run_experts("triton", x, idx, w, gu, dn, act, shared=(sgu, sd))
+    else:
+        fn = {"gemv": te._gemv_experts, "few": te._few_experts, "grouped": te._grouped_experts}[path]
+        out = fn(x, idx, w, gu, dn, act, shared=(sgu, sd))
+    ref = oracle(x, idx, w, gu, dn, act) + shared_oracle(x, sgu, sd, act)
+    assert out.dtype == x.dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_shared_expert_beyond_the_fold_limit(monkeypatch):
+    """Many tokens: the shared expert runs as a dense GEMM next to the kernels; same result."""
+    monkeypatch.setattr(te, "SHARED_FOLD_MAX_TOKENS", 4)
+    x, idx, w, gu, dn = problem(9, 2, 5, seed=4)
+    sgu, sd = _shared(30, seed=4)
+    out = experts.run_experts("triton", x, idx, w, gu, dn, "gelu_tanh", shared=(sgu, sd))
+    ref = oracle(x, idx, w, gu, dn, "gelu_tanh") + shared_oracle(x, sgu, sd, "gelu_tanh")
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", ["loop", "gather", "grouped"])
+def test_torch_paths_add_the_shared_expert(impl):
+    x, idx, w, gu, dn = problem(3, 2, 5, d=48, m=24, seed=5)
+    sgu, sd = _shared(24, d=48, seed=5)
+    out = experts.run_experts(impl, x, idx, w, gu, dn, "silu", shared=(sgu, sd))
+    assert rel_err(out, oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("T,a,E,bt", [(1, 1, 3, 16), (17, 3, 6, 16), (129, 2, 8, 64)])
@@ -136,25 +192,26 @@ def test_align_covers_every_pair_once(T, a, E, bt, kernel):
 
 
 # ----------------------------------------------------------------------------- fused router
-def _router(E, a, act, dtype, d=40, seed=0):
-    spec = MoELayerSpec(hidden_size=d, shared_size=0, num_experts=E, expert_size=4, top_k=a, act=act)
-    r = AnalyticalRouter(spec)
+def _router(E, a, act, dtype, d=40, seed=0, kind="analytical"):
+    spec = MoELayerSpec(hidden_size=d, shared_size=0, num_experts=E, expert_size=4, top_k=a, act=act, router=kind)
+    r = ROUTERS[kind](spec)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        r.gate.copy_(torch.randn(E, d, generator=g))
-        r.up.copy_(torch.randn(E, d, generator=g))
+        for p in (r.weight,) if kind == "linear" else (r.gate, r.up):
+            p.copy_(torch.randn(E, d, generator=g) / (d**0.5 if kind == "linear" else 1))
         r.scale.copy_(torch.randn(E, generator=g))
         r.bias.copy_(torch.randn(E, generator=g) * 0.01)
     return r.to(DEVICE, dtype)
 
 
+@pytest.mark.parametrize("kind", ["analytical", "linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T,E,a,act", [(1, 5, 1, "silu"), (3, 7, 2, "gelu_tanh"), (17, 14, 3, "gelu"), (300, 20, 2, "relu")])
-def test_fused_router_matches(T, E, a, act, dtype):
-    r = _router(E, a, act, dtype)
+def test_fused_router_matches(T, E, a, act, dtype, kind):
+    r = _router(E, a, act, dtype, kind=kind)
     x = torch.randn(T, 40, generator=torch.Generator().manual_seed(T)).to(DEVICE, dtype)
     with torch.no_grad():
-        i0, w0, p0 = Router.forward(r, x)  # the torch router (r(x) is the fused one on CUDA)
+        i0, w0, p0 = r.forward_reference(x)  # the torch router (r(x) is the fused one on CUDA)
         i1, w1, p1 = te.fused_route(r, x)
         i2, w2, p2 = te.fused_route(r, x)  # the split-d scratch must be left clean
     assert i1.dtype == torch.int64 and w1.dtype == torch.float32 and p1.shape == (T, E)
@@ -165,8 +222,8 @@ def test_fused_router_matches(T, E, a, act, dtype):
     assert torch.equal(i1, i2) and torch.equal(w1, w2)
 
 
-def _moe(dtype=torch.float32, act="silu", a=2):
-    spec = MoELayerSpec(hidden_size=36, shared_size=20, num_experts=5, expert_size=20, top_k=a, act=act)
+def _moe(dtype=torch.float32, act="silu", a=2, shared=20, router="analytical"):
+    spec = MoELayerSpec(hidden_size=36, shared_size=shared, num_experts=5, expert_size=20, top_k=a, act=act, router=router)
     mod = CMoEMLP(spec, impl="triton")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -175,9 +232,9 @@ def _moe(dtype=torch.float32, act="silu", a=2):
     return mod.to(DEVICE, dtype).eval()
 
 
-@pytest.mark.parametrize("T", [1, 3, 17])
-def test_cmoe_mlp_triton_matches_reference(T):
-    mod = _moe()
+@pytest.mark.parametrize("T,shared,router", [(1, 20, "analytical"), (3, 30, "linear"), (17, 20, "linear"), (5, 0, "analytical")])
+def test_cmoe_mlp_triton_matches_reference(T, shared, router):
+    mod = _moe(shared=shared, router=router)
     x = torch.randn(2, T, 36).to(DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(mod(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)

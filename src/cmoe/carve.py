@@ -143,10 +143,12 @@ def fit_router(moe: CMoEMLP, x: torch.Tensor, cfg: CMoEConfig) -> float:
     return topk_agreement(scores, norms, spec.top_k)
 
 
-def carve(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[CMoEMLP, CarveStats]:
+def carve(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig, toward: torch.Tensor | None = None) -> tuple[CMoEMLP, CarveStats]:
     """Dense FFN weights + its calibration inputs x [T, d] -> CMoE layer.
 
-    ``cfg``'s S/A/E are this layer's (``cmoe.allocation`` gives each layer its own)."""
+    ``cfg``'s S/A/E are this layer's (``cmoe.allocation`` gives each layer its own).
+    ``toward`` [T, d]: the outputs that would restore the dense model's stream (see
+    ``cmoe.refit.refit_down``), used by the down refit with weight ``cfg.refit_stream``."""
     cfg.check_layer(w.intermediate_size)
     check_activations(x)
     if cfg.features == "markers":
@@ -156,6 +158,8 @@ def carve(w: FFNWeights, x: torch.Tensor, cfg: CMoEConfig) -> tuple[CMoEMLP, Car
     moe = build_moe(w, part, cfg, dtype=w.gate.dtype)
     stats.router_agreement = fit_router(moe, x, cfg)
     if cfg.refit == "down":
-        stats.error_before_refit, stats.error = refit_down(moe, fit_sample(x, cfg), cfg.refit_ridge)
+        stats.error_before_refit, stats.error = refit_down(
+            moe, fit_sample(x, cfg), cfg.refit_ridge, None if toward is None else fit_sample(toward, cfg), cfg.refit_stream
+        )
     stats.shared_size, stats.num_experts, stats.top_k = moe.spec.shared_size, moe.spec.num_experts, moe.spec.top_k
     return moe, stats

@@ -42,7 +42,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--ridge", type=float, default=None, help="linear router ridge strength (default 1e-2)")
     p.add_argument("--refit", default=None, help="none or down (least-squares down projections under the "
                    "routing, cmoe.refit); default: the recipe's")
-    p.add_argument("--refit-ridge", type=float, default=None, help="ridge strength of the down refit (default 0.3)")
+    p.add_argument("--refit-ridge", type=float, default=None, help="ridge strength of the down refit (default 0.6)")
+    p.add_argument("--refit-stream", type=float, default=None, help="0-1: how far the down refit's target moves from "
+                   "the dense FFN's output toward the dense model's next hidden state (default: the recipe's, plus 0.5)")
     p.add_argument("--allocation", default=None, help="uniform (every layer SsAaEe) or sensitivity (the config's "
                    "activated fraction spread over layers by measured sensitivity); default: the recipe's")
     p.add_argument("--budget", type=float, default=None, help="model-wide activated FFN fraction spread over layers by "
@@ -69,7 +71,7 @@ def cmd_convert(args) -> None:
         console.print("[bold]cmoe demo[/]: SmolLM2-135M-Instruct, calibration on the wiki sample, "
                       f"{args.config}, then dense vs converted perplexity")
     eval_sources = _csv(args.eval if args.eval is not None else ("wiki,c4" if demo else ""))
-    algo = {k: getattr(args, k) for k in ("recipe", "router", "features", "ridge", "refit", "refit_ridge", "allocation", "budget", "min_active",
+    algo = {k: getattr(args, k) for k in ("recipe", "router", "features", "ridge", "refit", "refit_ridge", "refit_stream", "allocation", "budget", "min_active",
                                            "max_active", "kmeans_iters") if getattr(args, k) is not None}
     cfg = CMoEConfig.parse(
         args.config, k_act=args.k_act, calib_samples=args.samples, calib_seqlen=args.seqlen, seed=args.seed, **algo

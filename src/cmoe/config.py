@@ -16,10 +16,13 @@ class ConfigError(ValueError):
 #   paper: method.md exactly (ATopK markers, one k-means step, analytical router, uniform layers).
 #   plus:  issue 5: neurons described by their output contribution |h_i| |W_down[:, i]|,
 #          balanced k-means to convergence, closed-form ridge linear router, least-squares
-#          down refit, the preset's fraction spread over layers by sensitivity.
+#          down refit (half-way toward the dense model's stream), the preset's fraction spread
+#          over layers by sensitivity.
 RECIPES: dict[str, dict] = {
-    "paper": dict(features="markers", kmeans_iters=1, router="analytical", refit="none", allocation="uniform"),
-    "plus": dict(features="contrib", kmeans_iters=0, router="linear", refit="down", allocation="sensitivity"),
+    "paper": dict(features="markers", kmeans_iters=1, router="analytical", refit="none", allocation="uniform",
+                  refit_stream=0.0),
+    "plus": dict(features="contrib", kmeans_iters=0, router="linear", refit="down", allocation="sensitivity",
+                 refit_stream=0.5),
 }
 DEFAULT_RECIPE = "plus"  # measured better (docs/benchmarks/quality.md); "paper" reproduces the paper
 FEATURES = ("markers", "contrib")
@@ -39,7 +42,8 @@ class CMoEConfig:
     contribution of each neuron), ``kmeans_iters`` (0: until the assignment stops changing),
     ``router`` ("analytical" or "linear": ridge-fitted to the experts' output norms),
     ``refit`` ("none" or "down": least-squares down projections for the neurons each calibration
-    token uses under the routing, ``cmoe.refit``).
+    token uses under the routing, ``cmoe.refit``); ``refit_stream`` (in [0, 1]): how far the
+    refit's target moves from the dense FFN's output toward the dense model's next hidden state.
     ``allocation`` ("uniform": every layer S{s}A{a}E{e}; "sensitivity": the model-wide fraction
     ``budget``, by default (s + a) / e, spread over the layers by measured sensitivity, see
     ``cmoe.allocation``); ``budget``: that activated fraction of all FFN neurons of the model
@@ -63,7 +67,8 @@ class CMoEConfig:
     ridge: float = 1e-2  # linear router: ridge strength relative to the mean diagonal of x^T x
     cluster_tokens: int = 4096  # "contrib" features: calibration tokens (evenly strided) used for the partition
     fit_tokens: int = 16384  # calibration tokens (evenly strided) for the router fit, the refit and the agreement statistic
-    refit_ridge: float = 0.3  # refit="down": ridge strength relative to the mean diagonal of the masked activations' Gram
+    refit_ridge: float = 0.6  # refit="down": ridge strength relative to the mean diagonal of the masked activations' Gram
+    refit_stream: float | None = None  # refit="down": weight of the dense model's stream in the target (cmoe.refit)
     budget: float | None = None
     min_active: float = 0.125
     max_active: float = 1.0
@@ -90,6 +95,9 @@ class CMoEConfig:
             raise ConfigError(f"unknown refit {self.refit!r}; available: {list(REFITS)}")
         if self.refit_ridge < 0:
             raise ConfigError(f"refit_ridge={self.refit_ridge} must be >= 0")
+        if not 0 <= self.refit_stream <= 1:
+            raise ConfigError(f"refit_stream={self.refit_stream} must be in [0, 1] (0: fit the dense FFN's output, "
+                              f"1: fit the dense model's next hidden state)")
         if self.ridge < 0 or self.cluster_tokens < 1 or self.fit_tokens < 1:
             raise ConfigError(
                 f"ridge={self.ridge} must be >= 0, cluster_tokens={self.cluster_tokens} and "

@@ -8,6 +8,10 @@
    b. carve the FFN into a CMoE layer and swap it in,
    c. add the CMoE layer's contribution to get the converted layer's outputs, the next
       layer's inputs (errors propagate, as in the paper), without running attention twice.
+
+With a down refit toward the dense stream (``refit_stream`` > 0) the dense model's hidden
+states are carried along too (one more layer pass each), and the refit is told what the layer
+must add to its converted residual stream to land on the dense model's next hidden state.
 """
 
 from __future__ import annotations
@@ -142,6 +146,25 @@ def _ffn_inputs(layer, mlp, hidden, args, kwargs, device, batch_size):
     return torch.cat(ffn_inputs)
 
 
+def _without_ffn(layer, family, mlp, hidden, args, kwargs, device, batch_size):
+    """Run ``layer`` on ``hidden [N, S, d]`` with its FFN replaced by a probe that records its
+    inputs and adds nothing: (the residual streams before the FFN's contribution, per batch of
+    ``batch_size`` sequences on ``device``; the FFN inputs [N*S, d])."""
+    probe = _ZeroProbe()
+    setattr(layer, family.mlp_attr, probe)
+    try:
+        residual = [_first(layer(h.to(device), *args, **kwargs)) for h in hidden.split(batch_size)]
+    finally:
+        setattr(layer, family.mlp_attr, mlp)
+    return residual, torch.cat(probe.inputs)
+
+
+def _stream_refit(config: CMoEConfig, family) -> bool:
+    """Whether the down refit pulls toward the dense model's stream. Not for families whose FFN
+    output passes a norm before the residual add (no linear inverse): they fit the FFN output."""
+    return config.refit == "down" and config.refit_stream > 0 and not family.post_ffn_norm
+
+
 SENSITIVITY_SAMPLES = 2  # calibration sequences of the dense pass that measures layer sensitivity
 
 
@@ -202,6 +225,7 @@ def convert_(
 
     store = "cpu"
     hidden, calls = _record_layer_calls(model, layers, calib_ids, store)  # [N, S, d]
+    dense_hidden = hidden if _stream_refit(config, family) else None  # the dense model's stream
     plan = [config] * len(layers)
     if config.allocation == "sensitivity":
         report.sensitivity = _sensitivity_pass(model, family, layers, hidden, calls, config, device, batch_size).tolist()
@@ -216,24 +240,27 @@ def convert_(
         args, kwargs = _to(calls[i], device)
         mlp = getattr(layer, family.mlp_attr)
 
-        probe = _ZeroProbe()
-        setattr(layer, family.mlp_attr, probe)
-        try:
-            residual = [_first(layer(h.to(device), *args, **kwargs)) for h in hidden.split(batch_size)]
-        finally:
-            setattr(layer, family.mlp_attr, mlp)
-        x = torch.cat(probe.inputs)  # [N*S, d]
-        del probe
+        residual, x = _without_ffn(layer, family, mlp, hidden, args, kwargs, device, batch_size)
+        toward = None
+        if dense_hidden is not None:  # what this FFN must add to land on the dense next hidden state
+            dense_residual, dense_x = _without_ffn(layer, family, mlp, dense_hidden, args, kwargs, device, batch_size)
+            dense_next = [r + family.ffn_residual(layer, mlp(xr).view_as(r)) for r, xr in
+                          zip(dense_residual, dense_x.split([r.numel() // r.shape[-1] for r in dense_residual]))]
+            toward = torch.cat([(dn - r).reshape(-1, r.shape[-1]) for dn, r in zip(dense_next, residual)])
+            if family.ffn_multiplier:
+                toward = toward / getattr(layer, family.ffn_multiplier)
+            dense_hidden = torch.cat([dn.to(store) for dn in dense_next])
+            del dense_residual, dense_x, dense_next
 
         weights = family.read(mlp, model.config)
-        moe, stats = carve(weights, x, plan[i])
+        moe, stats = carve(weights, x, plan[i], toward)
         setattr(layer, family.mlp_attr, moe)
         del mlp, weights
         sizes = [r.numel() // r.shape[-1] for r in residual]
         hidden = torch.cat(
             [(r + family.ffn_residual(layer, moe(xr).view_as(r))).to(store) for r, xr in zip(residual, x.split(sizes))]
         )
-        del x, residual
+        del x, residual, toward
         layer.to(home)
         specs.append(moe.spec.to_dict())
         report.layers.append(LayerReport(i, time.perf_counter() - t0, stats))

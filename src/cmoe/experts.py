@@ -137,17 +137,29 @@ def _torch_impl(x: torch.Tensor, grad: bool = False) -> str:
     return "gather" if x.shape[0] <= 2 else "grouped"
 
 
-def run_experts(impl: str, x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
+def resolve_impl(impl: str, x, *tensors) -> str:
+    """The implementation that ``impl`` ("auto" or a name) runs for input x; ``tensors``: the
+    weights and routing weights, which decide whether a path with a backward is needed."""
     name = default_impl(x) if impl == "auto" else impl
     if name == "triton":
         _load_triton()
     if impl == "auto" and name in ("triton", "select"):
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, gate_up, down)):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
             name = _torch_impl(x, grad=True)  # neither has a backward to the routing weights
-    try:
-        fn = EXPERT_IMPLS[name]
-    except KeyError:
+    if name not in EXPERT_IMPLS:
         raise ValueError(
             f"unknown expert implementation {impl!r}; available: auto, {', '.join(sorted(EXPERT_IMPLS))}"
-        ) from None
-    return fn(x, idx, weight, gate_up, down, act)
+        )
+    return name
+
+
+def run_experts(impl: str, x, idx, weight, gate_up, down, act: str, shared=None) -> torch.Tensor:
+    """``shared``: (shared_gate_up [2ms, d], shared_down [d, ms]): also add the shared expert
+    (the "triton" implementation computes it in the same kernels, the others with two matmuls)."""
+    name = resolve_impl(impl, x, weight, gate_up, down)
+    if shared is None:
+        return EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act)
+    if name == "triton":
+        return EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act, *shared)
+    out = EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act)
+    return out + _glu(x @ shared[0].T, act) @ shared[1].T

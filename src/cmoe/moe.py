@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import activations
 from . import experts
@@ -66,6 +67,13 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.is_cuda and not torch.is_grad_enabled():
+            fused = experts.fused_router()  # the whole router in one Triton kernel (two for few tokens)
+            if fused is not None:
+                return fused(self, x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = F.softmax(self.scores(x), dim=-1)  # [T, E]
         idx = torch.topk(p + self.bias.float(), self.top_k, dim=-1).indices  # [T, a]
         weight = 1.0 + p.gather(1, idx) * self.scale.float()[idx]  # [T, a]
@@ -80,13 +88,6 @@ class AnalyticalRouter(Router):
         super().__init__(spec)
         self.gate = nn.Parameter(torch.zeros(spec.num_experts, spec.hidden_size))  # [E, d]
         self.up = nn.Parameter(torch.zeros(spec.num_experts, spec.hidden_size))  # [E, d]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if x.is_cuda and not torch.is_grad_enabled():
-            fused = experts.fused_router()  # one Triton kernel for the whole router
-            if fused is not None:
-                return fused(self, x)
-        return super().forward(x)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -116,10 +117,12 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * m, d))  # [E, 2m, d]
         self.down_proj = nn.Parameter(torch.zeros(E, d, m))  # [E, d, m]
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, act: str, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, act: str, impl: str,
+                shared=None) -> torch.Tensor:
         """x [T, d], idx/weight [T, a] -> [T, d] (a module call, so that peft's parametrized
-        LoRA on the stacked weights applies)."""
-        return run_experts(impl, x, idx, weight, self.gate_up_proj, self.down_proj, act)
+        LoRA on the stacked weights applies); ``shared``: the shared expert's two weights, to
+        compute it in the same kernels (``cmoe.experts.run_experts``)."""
+        return run_experts(impl, x, idx, weight, self.gate_up_proj, self.down_proj, act, shared)
 
 
 class CMoEMLP(nn.Module):
@@ -156,21 +159,33 @@ class CMoEMLP(nn.Module):
         """x [T, d] -> (idx [T, a], weight [T, a] float32, probs [T, E] float32)."""
         return self.router(x)
 
+    def _fusable_shared(self) -> bool:
+        """The shared expert is two plain linear maps (no adapter wrapped around them)."""
+        return type(self.shared_gate_up) is nn.Linear and type(self.shared_down) is nn.Linear and not (
+            parametrize.is_parametrized(self.shared_gate_up) or parametrize.is_parametrized(self.shared_down)
+        )
+
     def forward(self, hidden: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # [T, d]
-        out = self.shared(x)
-        if self.spec.top_k > 0:
-            idx, weight, probs = self.route(x)
-            if self.collect_load:
-                self.expert_load += expert_counts(idx, self.spec.num_experts)
-            if self.keep_router_probs:
-                self.last_router_probs = probs
-            out = out + self.experts(x, idx, weight, self.spec.act, impl or self.impl)
+        if self.spec.top_k == 0:
+            return self.shared(x).reshape(shape)
+        impl = impl or self.impl
+        idx, weight, probs = self.router.forward_reference(x) if impl == "loop" else self.route(x)
+        if self.collect_load:
+            self.expert_load += expert_counts(idx, self.spec.num_experts)
+        if self.keep_router_probs:
+            self.last_router_probs = probs
+        if self.spec.shared_size and self._fusable_shared():  # the Triton path runs it in the same kernels
+            out = self.experts(x, idx, weight, self.spec.act, impl, (self.shared_gate_up.weight, self.shared_down.weight))
+        else:
+            out = self.experts(x, idx, weight, self.spec.act, impl)
+            if self.spec.shared_size:
+                out = out + self.shared(x)
         return out.reshape(shape)
 
     def forward_reference(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The plain oracle: loop over experts."""
+        """The plain oracle: the torch router, a loop over experts."""
         return self.forward(hidden, impl="loop")
 
     def extra_repr(self) -> str:

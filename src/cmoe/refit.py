@@ -15,6 +15,12 @@ so ``W + dW`` is the least-squares down projection for the neurons each token re
 the layer keeps its layout, router and kernels; when every expert is chosen, ``M`` is all ones,
 the residual is zero and ``dW = 0`` exactly (the all-active == dense invariant holds). No
 gradient descent: one [f, f] linear solve per layer.
+
+With ``stream`` > 0 the target moves part of the way from ``Y`` to what the layer must add to
+its converted residual stream to reproduce the dense model's next hidden state (the dense and
+converted streams are run side by side during the conversion): the refit then also absorbs
+the part of the upstream error that the layer's used neurons can predict. When every expert
+is active the two streams coincide and the target is still ``Y``.
 """
 
 from __future__ import annotations
@@ -73,22 +79,35 @@ def set_down_weights(moe: CMoEMLP, w: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def refit_down(moe: CMoEMLP, x: torch.Tensor, ridge: float = 0.3, chunk: int = 4096) -> tuple[float, float]:
+def refit_down(
+    moe: CMoEMLP, x: torch.Tensor, ridge: float = 0.6, toward: torch.Tensor | None = None, stream: float = 0.0,
+    chunk: int = 4096,
+) -> tuple[float, float]:
     """Refit ``moe``'s down projections on the calibration inputs x [T, d] (see the module doc).
 
-    Returns the relative output error ``|Y - Y_moe|^2 / |Y|^2`` on x before and after."""
+    ``toward`` [T, d] and ``stream``: fit ``(1 - stream) Y + stream toward`` instead of the
+    dense FFN's outputs ``Y``. The conversion passes as ``toward`` what this layer's FFN must
+    add to its (converted) residual stream to reproduce the *dense* model's next hidden state,
+    so that the refit also corrects the error that earlier layers left in the stream.
+    Returns the relative error ``|target - Y_moe|^2 / |target|^2`` on x before and after."""
     spec = moe.spec
     f = spec.intermediate_size
     w = down_weights(moe)  # [d, f]
     gram = torch.zeros(f, f, dtype=torch.float64, device=x.device)
     rhs = torch.zeros(f, spec.hidden_size, dtype=torch.float64, device=x.device)
     energy = resid_energy = 0.0
-    for xc in x.split(chunk):
+    towards = [None] * len(x.split(chunk)) if toward is None or stream == 0 else toward.float().split(chunk)
+    for xc, tc in zip(x.split(chunk), towards):
         h, hm = masked_activations(moe, xc)
-        resid = (h - hm) @ w.T  # [t, d]: the dense output minus the layer's current output
+        yc = h @ w.T  # the dense FFN's output
+        if tc is None:
+            resid = (h - hm) @ w.T  # [t, d]: the target minus the layer's current output
+        else:
+            yc = yc + stream * (tc - yc)
+            resid = yc - hm @ w.T
         gram += (hm.T @ hm).double()
         rhs += (hm.T @ resid).double()
-        energy += (h @ w.T).double().pow(2).sum().item()
+        energy += yc.double().pow(2).sum().item()
         resid_energy += resid.double().pow(2).sum().item()
     before = resid_energy / max(energy, 1e-30)
     if resid_energy == 0:  # every neuron used on every token: nothing to refit

@@ -16,6 +16,12 @@ Two paths, chosen from static shapes (so a decode step captures in a CUDA graph)
   activation in the epilogue; ``_grouped_down`` multiplies by the routing weight and writes
   each pair's row; the ``a`` rows of a token are then summed (deterministic, no atomics).
 
+Given the shared expert's weights too, both paths compute the whole FFN: the shared expert's
+neurons become ``S = ceil(ms / m)`` extra pieces that every token selects with weight 1, so a
+decode layer is two launches (up to ``SHARED_FOLD_MAX_TOKENS`` tokens; beyond, cuBLAS runs the
+shared expert, which it does faster at prefill sizes). The router (analytical or linear) has
+its own fused kernels (``fused_route``).
+
 Both paths are wrapped in ``torch.library.custom_op("cmoe::triton_experts")`` with a fake
 (meta) implementation, so ``torch.compile(fullgraph=True)`` treats them as one opaque op.
 No ``.item()``, no host synchronisation, and every buffer has a shape fixed by (T, a, E).
@@ -76,20 +82,31 @@ def _act(g, ACT: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- GEMV path
+# The shared expert (``shared_gate_up [2 ms, d]``, gate rows first, ``shared_down [d, ms]``) rides
+# along as S = ceil(ms / m) pieces of m neurons that every token selects with weight 1: slots
+# 0..S-1 of each token are the shared pieces, slots S..S+A-1 its routed experts. ``sw_ptr`` /
+# ``sd_ptr`` are never read when S = 0.
 @triton.jit
 def _gemv_gate_up(
-    x_ptr, idx_ptr, w_ptr, h_ptr,  # x [T, d], idx [P], gate_up [E, 2m, d], h [P, m] fp32
-    d, m,
-    A: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    x_ptr, idx_ptr, w_ptr, sw_ptr, h_ptr,  # x [T, d], idx [T, A], gate_up [E, 2m, d], shared_gate_up [2ms, d], h [T, S+A, m] fp32
+    d, m, ms,
+    A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     p = tl.program_id(1)  # (token, slot) pair
-    t = p // A
-    e = tl.load(idx_ptr + p).to(tl.int64)
+    t = p // (S + A)
+    slot = p % (S + A)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    n_ok = offs_n < m
-    wg = w_ptr + e * (2 * m) * d + offs_n[:, None].to(tl.int64) * d  # [BN, 1] gate rows
-    wu = wg + m * d  # up rows
+    if slot < S:  # a piece of the shared expert
+        rows = slot * m + offs_n
+        n_ok = (offs_n < m) & (rows < ms)
+        wg = sw_ptr + rows[:, None].to(tl.int64) * d  # [BN, 1] gate rows
+        wu = wg + ms * d  # up rows
+    else:
+        e = tl.load(idx_ptr + t * A + slot - S).to(tl.int64)
+        n_ok = offs_n < m
+        wg = w_ptr + e * (2 * m) * d + offs_n[:, None].to(tl.int64) * d
+        wu = wg + m * d
     acc_g = tl.zeros((BN, BK), tl.float32)
     acc_u = tl.zeros((BN, BK), tl.float32)
     for k0 in range(0, d, BK):
@@ -106,24 +123,31 @@ def _gemv_gate_up(
 
 @triton.jit
 def _gemv_down(
-    h_ptr, idx_ptr, wt_ptr, w_ptr, out_ptr,  # h [P, m] fp32, idx/wt [P], down [E, d, m], out [T, d]
-    d, m,
-    A: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    h_ptr, idx_ptr, wt_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+A, m] fp32, idx/wt [T, A], down [E, d, m], shared_down [d, ms], out [T, d]
+    d, m, ms,
+    A: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < d
+    h_t = h_ptr + t * (S + A) * m
     acc = tl.zeros((BN, BK), tl.float32)
+    if S > 0:  # the shared pieces' activations are h_t[0:ms], contiguous
+        ws = sd_ptr + offs_n[:, None].to(tl.int64) * ms
+        for k0 in range(0, ms, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_ok = offs_k < ms
+            hk = tl.load(h_t + offs_k, mask=k_ok, other=0.0)
+            acc += tl.load(ws + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first").to(tl.float32) * hk[None, :]
     for k in tl.static_range(A):
-        p = t * A + k
-        e = tl.load(idx_ptr + p).to(tl.int64)
-        rw = tl.load(wt_ptr + p).to(tl.float32)
+        e = tl.load(idx_ptr + t * A + k).to(tl.int64)
+        rw = tl.load(wt_ptr + t * A + k).to(tl.float32)
         wd = w_ptr + e * d * m + offs_n[:, None].to(tl.int64) * m  # [BN, 1]
         for k0 in range(0, m, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < m
-            hk = tl.load(h_ptr + p * m + offs_k, mask=k_ok, other=0.0) * rw
+            hk = tl.load(h_t + (S + k) * m + offs_k, mask=k_ok, other=0.0) * rw
             acc += tl.load(wd + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first").to(tl.float32) * hk[None, :]
     y = tl.sum(acc, 1)
     tl.store(out_ptr + t * d + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -131,7 +155,7 @@ def _gemv_down(
 
 # (BN rows, BK columns, num_warps) of the two GEMV kernels; BN shrinks until the grid has
 # enough programs to fill the GPU
-GEMV_CONFIG = {"gate_up": (4, 1024, 4), "down": (8, 512, 4)}
+GEMV_CONFIG = {"gate_up": (8, 512, 4), "down": (8, 512, 4)}
 GEMV_MIN_PROGRAMS = 264  # about 2 per SM of an H200
 
 
@@ -141,21 +165,166 @@ def _gemv_bn(bn: int, rows: int, programs_other: int) -> int:
     return bn
 
 
-def _gemv_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None) -> torch.Tensor:
+def _shared_pieces(shared, m: int) -> tuple[int, int]:
+    """(ms, S): the shared expert's width and its number of m-wide pieces (0, 0 without one)."""
+    ms = 0 if shared is None else shared[1].shape[1]
+    return ms, triton.cdiv(ms, m)
+
+
+def _gemv_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None, shared=None) -> torch.Tensor:
+    """``shared``: None or (shared_gate_up [2ms, d], shared_down [d, ms]), added to the output."""
     cfg = cfg or GEMV_CONFIG
     T, a = idx.shape
     d = x.shape[1]
     m = down.shape[2]
-    P = T * a
+    ms, S = _shared_pieces(shared, m)
+    sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
+    P = T * (S + a)
     h = torch.empty(P, m, device=x.device, dtype=torch.float32)
     out = torch.empty_like(x)
     code = _ACT_CODE[act]
     bn, bk, nw = cfg["gate_up"]
     bn = _gemv_bn(bn, m, P) if not _INTERPRET else 16
-    _gemv_gate_up[(triton.cdiv(m, bn), P)](x, idx, gate_up, h, d, m, A=a, ACT=code, BN=bn, BK=bk, num_warps=nw)
+    _gemv_gate_up[(triton.cdiv(m, bn), P)](x, idx, gate_up, sgu, h, d, m, ms, A=a, S=S, ACT=code, BN=bn, BK=bk, num_warps=nw)
     bn, bk, nw = cfg["down"]
     bn = _gemv_bn(bn, d, T) if not _INTERPRET else 16
-    _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, out, d, m, A=a, BN=bn, BK=bk, num_warps=nw)
+    _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, sd, out, d, m, ms, A=a, S=S, BN=bn, BK=bk, num_warps=nw)
+    return out
+
+
+# ----------------------------------------------------------------------------- few-token path
+# Small batches (decode at batch 2-64): every token's x is multiplied by each *used* expert's
+# weights, read once; tokens that did not choose the expert get weight 0 in the down kernel.
+# No sort, no padding tiles; one program per (block of m, expert slot) and per block of d.
+@triton.jit
+def _used_by(idx_ptr, wt_ptr, offs_t, t_ok, e, A: tl.constexpr, AP: tl.constexpr):
+    """(how many tokens chose routed expert e, each token's weight for it [TP], 0 if not chosen)."""
+    offs_a = tl.arange(0, AP)
+    ok = t_ok[:, None] & (offs_a < A)[None, :]
+    ids = tl.load(idx_ptr + offs_t[:, None] * A + offs_a[None, :], mask=ok, other=-1)
+    hit = (ids == e) & ok
+    wts = tl.load(wt_ptr + offs_t[:, None] * A + offs_a[None, :], mask=ok & hit, other=0.0).to(tl.float32)
+    return tl.sum(tl.sum(hit.to(tl.int32), 1), 0), tl.sum(wts, 1)
+
+
+@triton.jit
+def _few_gate_up(
+    x_ptr, idx_ptr, wt_ptr, w_ptr, sw_ptr, h_ptr,  # x [T, d]; idx/wt [T, A]; gate_up [E, 2m, d]; shared [2ms, d]; h [T, S+E, m]
+    T, d, m, ms, E,
+    A: tl.constexpr, AP: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, TP: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    slot = tl.program_id(1)  # shared pieces first, then the routed experts
+    offs_t = tl.arange(0, TP)
+    t_ok = offs_t < T
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    used, _ = _used_by(idx_ptr, wt_ptr, offs_t, t_ok, slot - S, A, AP)  # 0 for the shared pieces
+    if slot >= S and used == 0:  # an expert no token chose: nothing to compute
+        return
+    if slot < S:
+        n_ok = (offs_n < m) & (slot * m + offs_n < ms)
+        wg = sw_ptr + (slot * m + offs_n[None, :]).to(tl.int64) * d  # [1, BN]
+        wu = wg + ms * d
+    else:
+        n_ok = offs_n < m
+        wg = w_ptr + (slot - S).to(tl.int64) * (2 * m) * d + offs_n[None, :].to(tl.int64) * d
+        wu = wg + m * d
+    acc_g = tl.zeros((TP, BN), tl.float32)
+    acc_u = tl.zeros((TP, BN), tl.float32)
+    for k0 in range(0, d, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < d
+        xk = tl.load(x_ptr + offs_t[:, None] * d + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        mk = k_ok[:, None] & n_ok[None, :]
+        bg = tl.load(wg + offs_k[:, None], mask=mk, other=0.0, eviction_policy="evict_first")  # [BK, BN]
+        bu = tl.load(wu + offs_k[:, None], mask=mk, other=0.0, eviction_policy="evict_first")
+        if UPCAST:
+            xk, bg, bu = xk.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+        if IEEE:
+            acc_g = tl.dot(xk, bg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(xk, bu, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(xk, bg, acc_g)
+            acc_u = tl.dot(xk, bu, acc_u)
+    hv = _act(acc_g, ACT) * acc_u
+    out = h_ptr + (offs_t[:, None] * (S + E) + slot) * m + offs_n[None, :]
+    tl.store(out, hv.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _few_down(
+    h_ptr, idx_ptr, wt_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+E, m]; down [E, d, m]; shared_down [d, ms]; out [T, d]
+    T, d, m, ms, E,
+    A: tl.constexpr, AP: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    offs_t = tl.arange(0, TP)
+    t_ok = offs_t < T
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < d
+    acc = tl.zeros((TP, BN), tl.float32)
+    for slot in range(0, S):  # the shared pieces: weight 1 for every token
+        ws = sd_ptr + slot * m + offs_n[None, :].to(tl.int64) * ms  # [1, BN]
+        for k0 in range(0, m, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_ok = (offs_k < m) & (slot * m + offs_k < ms)
+            hk = tl.load(h_ptr + (offs_t[:, None] * (S + E) + slot) * m + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            bd = tl.load(ws + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+            if UPCAST:
+                hk, bd = hk.to(tl.float32), bd.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(hk, bd, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(hk, bd, acc)
+    for e in range(0, E):
+        used, coef = _used_by(idx_ptr, wt_ptr, offs_t, t_ok, e, A, AP)
+        if used > 0:
+            wd = w_ptr + e * d * m + offs_n[None, :].to(tl.int64) * m  # [1, BN]
+            part = tl.zeros((TP, BN), tl.float32)
+            for k0 in range(0, m, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                k_ok = offs_k < m
+                hk = tl.load(h_ptr + (offs_t[:, None] * (S + E) + S + e) * m + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+                bd = tl.load(wd + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+                if UPCAST:
+                    hk, bd = hk.to(tl.float32), bd.to(tl.float32)
+                if IEEE:
+                    part = tl.dot(hk, bd, part, input_precision="ieee")
+                else:
+                    part = tl.dot(hk, bd, part)
+            acc += part * coef[:, None]
+    tl.store(out_ptr + offs_t[:, None] * d + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+FEW_MAX_TOKENS = 16  # up to this many tokens (and more than GEMV_MAX_PAIRS pairs): the few-token path (H200 sweep)
+FEW_CONFIG = {"gate_up": (32, 256, 4, 3), "down": (32, 256, 4, 3)}  # (BN, BK, num_warps, num_stages)
+
+
+def _few_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None, shared=None) -> torch.Tensor:
+    cfg = cfg or FEW_CONFIG
+    T, a = idx.shape
+    d = x.shape[1]
+    E, m = down.shape[0], down.shape[2]
+    ms, S = _shared_pieces(shared, m)
+    sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
+    h = torch.empty(T, S + E, m, device=x.device, dtype=x.dtype)
+    out = torch.empty_like(x)
+    tp = max(16, triton.next_power_of_2(T))
+    ap = triton.next_power_of_2(a)
+    upcast = _INTERPRET and x.dtype != torch.float32
+    ieee = x.dtype == torch.float32
+    bn, bk, nw, ns = cfg["gate_up"]
+    _few_gate_up[(triton.cdiv(m, bn), S + E)](
+        x, idx, weight, gate_up, sgu, h, T, d, m, ms, E,
+        A=a, AP=ap, S=S, ACT=_ACT_CODE[act], TP=tp, BN=bn, BK=bk, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
+    )
+    bn, bk, nw, ns = cfg["down"]
+    _few_down[(triton.cdiv(d, bn),)](
+        h, idx, weight, down, sd, out, T, d, m, ms, E,
+        A=a, AP=ap, S=S, TP=tp, BN=bn, BK=bk, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
+    )
     return out
 
 
@@ -224,9 +393,9 @@ def align(idx: torch.Tensor, num_experts: int, bt: int) -> tuple[torch.Tensor, t
 # ----------------------------------------------------------------------------- grouped GEMM path
 @triton.jit
 def _grouped_gate_up(
-    x_ptr, w_ptr, h_ptr, sorted_ptr, tile_expert_ptr,  # x [T, d]; gate_up [E, 2m, d]; h [max_tiles*BT, m]
-    P, d, m, num_tiles,
-    A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    x_ptr, w_ptr, sw_ptr, h_ptr, sorted_ptr, tile_expert_ptr,  # x [T, d]; gate_up [E, 2m, d]; shared_gate_up [2ms, d]; h [max_tiles*BT, m]
+    P, d, m, ms, num_tiles,
+    A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -244,11 +413,16 @@ def _grouped_gate_up(
     rows = tile * BT + tl.arange(0, BT)
     pair = tl.load(sorted_ptr + rows)
     valid = pair < P
-    tok = (pair // A).to(tl.int64)
+    tok = (pair // (S + A)).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    n_ok = offs_n < m
-    wg = w_ptr + e * (2 * m) * d + offs_n[None, :].to(tl.int64) * d  # [1, BN]
-    wu = wg + m * d
+    if e < S:  # a piece of the shared expert (see the GEMV path)
+        n_ok = (offs_n < m) & (e * m + offs_n < ms)
+        wg = sw_ptr + (e * m + offs_n[None, :]).to(tl.int64) * d  # [1, BN]
+        wu = wg + ms * d
+    else:
+        n_ok = offs_n < m
+        wg = w_ptr + (e - S) * (2 * m) * d + offs_n[None, :].to(tl.int64) * d  # [1, BN]
+        wu = wg + m * d
     acc_g = tl.zeros((BT, BN), tl.float32)
     acc_u = tl.zeros((BT, BN), tl.float32)
     for k0 in range(0, d, BK):
@@ -272,9 +446,9 @@ def _grouped_gate_up(
 
 @triton.jit
 def _grouped_down(
-    h_ptr, w_ptr, wt_ptr, y_ptr, sorted_ptr, tile_expert_ptr,  # h [max_tiles*BT, m]; down [E, d, m]; wt [P]; y [P, d]
-    P, d, m, num_tiles,
-    BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    h_ptr, w_ptr, sd_ptr, wt_ptr, y_ptr, sorted_ptr, tile_expert_ptr,  # h [max_tiles*BT, m]; down [E, d, m]; shared_down [d, ms]; wt [P]; y [P, d]
+    P, d, m, ms, num_tiles,
+    S: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(d, BN)
@@ -292,11 +466,16 @@ def _grouped_down(
     valid = pair < P
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < d
-    wd = w_ptr + e * d * m + offs_n[None, :].to(tl.int64) * m  # [1, BN]
+    if e < S:  # a piece of the shared expert: columns e*m.. of shared_down, rows of length ms
+        wd = sd_ptr + e * m + offs_n[None, :].to(tl.int64) * ms  # [1, BN]
+        k_end = tl.minimum(m, ms - e * m).to(tl.int32)
+    else:
+        wd = w_ptr + (e - S) * d * m + offs_n[None, :].to(tl.int64) * m  # [1, BN]
+        k_end = m
     acc = tl.zeros((BT, BN), tl.float32)
     for k0 in range(0, m, BK):
         offs_k = k0 + tl.arange(0, BK)
-        k_ok = offs_k < m
+        k_ok = offs_k < k_end
         hk = tl.load(h_ptr + rows[:, None].to(tl.int64) * m + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
         bd = tl.load(wd + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
         if UPCAST:
@@ -313,9 +492,9 @@ def _grouped_down(
 # tile shapes of the grouped path, by number of (token, expert) pairs: BT rows per tile, then
 # (BN, BK, num_warps, num_stages) of gate_up and of down (H200 sweep, benchmarks/bench_experts.py)
 GROUPED_CONFIGS = [
-    (32, dict(bt=16, gate_up=(32, 256, 4, 3), down=(64, 256, 4, 3))),  # decode, few pairs per expert
-    (512, dict(bt=64, gate_up=(64, 64, 4, 4), down=(128, 64, 4, 4))),
-    (None, dict(bt=128, gate_up=(128, 64, 8, 3), down=(256, 64, 8, 3))),  # prefill
+    (512, dict(bt=64, gate_up=(64, 64, 4, 4), down=(128, 64, 4, 4))),  # decode
+    (1024, dict(bt=128, gate_up=(64, 64, 8, 3), down=(128, 64, 8, 3))),
+    (None, dict(bt=128, gate_up=(128, 64, 8, 4), down=(256, 64, 8, 4))),  # prefill
 ]
 
 
@@ -326,14 +505,23 @@ def grouped_config(pairs: int) -> dict:
     raise AssertionError
 
 
-def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None) -> torch.Tensor:
+def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None, shared=None) -> torch.Tensor:
+    """``shared``: None or (shared_gate_up [2ms, d], shared_down [d, ms]), added to the output
+    (its pieces become S extra experts that every token selects with weight 1)."""
     T, a = idx.shape
     d = x.shape[1]
     E, m = down.shape[0], down.shape[2]
-    P = T * a
-    cfg = cfg or grouped_config(P)
+    ms, S = _shared_pieces(shared, m)
+    sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
+    if S:
+        pieces = torch.arange(S, device=idx.device, dtype=idx.dtype).expand(T, S)
+        idx = torch.cat([pieces, idx + S], dim=1)  # [T, S + a]
+        weight = torch.cat([weight.new_ones(T, S), weight], dim=1)
+    A = S + a
+    P = T * A
+    cfg = cfg or grouped_config(T * a)
     bt = cfg["bt"]
-    sorted_ids, tile_expert = align(idx, E, bt)
+    sorted_ids, tile_expert = align(idx, S + E, bt)
     num_tiles = tile_expert.numel()
     h = torch.empty(num_tiles * bt, m, device=x.device, dtype=x.dtype)
     upcast = _INTERPRET and x.dtype != torch.float32
@@ -343,26 +531,28 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
     gm = cfg.get("group", 8)
     grid = (num_tiles * triton.cdiv(m, bn),)
     _grouped_gate_up[grid](
-        x, gate_up, h, sorted_ids, tile_expert, P, d, m, num_tiles,
-        A=a, ACT=code, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
+        x, gate_up, sgu, h, sorted_ids, tile_expert, P, d, m, ms, num_tiles,
+        A=a, S=S, ACT=code, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
     y = torch.empty(P, d, device=x.device, dtype=x.dtype)
     bn, bk, nw, ns = cfg["down"]
     grid = (num_tiles * triton.cdiv(d, bn),)
     _grouped_down[grid](
-        h, down, weight.reshape(-1), y, sorted_ids, tile_expert, P, d, m, num_tiles,
-        BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
+        h, down, sd, weight.reshape(-1), y, sorted_ids, tile_expert, P, d, m, ms, num_tiles,
+        S=S, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
-    if a == 1:
+    if A == 1:
         return y
-    return y.view(T, a, d).sum(1, dtype=torch.float32).to(x.dtype) if x.dtype != torch.float32 else y.view(T, a, d).sum(1)
+    return y.view(T, A, d).sum(1, dtype=torch.float32).to(x.dtype) if x.dtype != torch.float32 else y.view(T, A, d).sum(1)
 
 
 # ----------------------------------------------------------------------------- fused router
 @triton.jit
 def _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, k_start, k_stop,
-                  BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """<x, g_j> and <x, u_j> over columns [k_start, k_stop) of d: two [BT, BE] float32 blocks."""
+                  BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  LINEAR: tl.constexpr):
+    """<x, g_j> and <x, u_j> over columns [k_start, k_stop) of d: two [BT, BE] float32 blocks
+    (LINEAR: the linear router's <x, W_j> in the first; u is not read)."""
     acc_g = tl.zeros((BT, BE), tl.float32)
     acc_u = tl.zeros((BT, BE), tl.float32)
     for k0 in range(k_start, k_stop, BK):
@@ -371,24 +561,31 @@ def _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, k_start, k_s
         xk = tl.load(x_ptr + rows[:, None].to(tl.int64) * d + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         mk = k_ok[:, None] & e_ok[None, :]
         gk = tl.load(g_ptr + offs_e[None, :] * d + offs_k[:, None], mask=mk, other=0.0)  # [BK, BE]
-        uk = tl.load(u_ptr + offs_e[None, :] * d + offs_k[:, None], mask=mk, other=0.0)
+        if IEEE or UPCAST:
+            xk, gk = xk.to(tl.float32), gk.to(tl.float32)
         if IEEE:
-            xk, gk, uk = xk.to(tl.float32), gk.to(tl.float32), uk.to(tl.float32)
             acc_g = tl.dot(xk, gk, acc_g, input_precision="ieee")
-            acc_u = tl.dot(xk, uk, acc_u, input_precision="ieee")
         else:
-            if UPCAST:
-                xk, gk, uk = xk.to(tl.float32), gk.to(tl.float32), uk.to(tl.float32)
             acc_g = tl.dot(xk, gk, acc_g)
-            acc_u = tl.dot(xk, uk, acc_u)
+        if not LINEAR:
+            uk = tl.load(u_ptr + offs_e[None, :] * d + offs_k[:, None], mask=mk, other=0.0)
+            if IEEE or UPCAST:
+                uk = uk.to(tl.float32)
+            if IEEE:
+                acc_u = tl.dot(xk, uk, acc_u, input_precision="ieee")
+            else:
+                acc_u = tl.dot(xk, uk, acc_u)
     return acc_g, acc_u
 
 
 @triton.jit
 def _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E,
-                  A: tl.constexpr, ACT: tl.constexpr, BE: tl.constexpr):
-    """scores |u * act(g)| -> p = softmax, top-A of p + b (first index on ties), weights 1 + p * v."""
-    s = tl.abs(u * _act(g, ACT))
+                  A: tl.constexpr, ACT: tl.constexpr, BE: tl.constexpr, LINEAR: tl.constexpr):
+    """scores |u * act(g)| (LINEAR: g) -> p = softmax, top-A of p + b (first index on ties), weights 1 + p * v."""
+    if LINEAR:
+        s = g
+    else:
+        s = tl.abs(u * _act(g, ACT))
     s = tl.where(e_ok[None, :], s, float("-inf"))
     s = tl.exp(s - tl.max(s, 1)[:, None])
     p = s / tl.sum(s, 1)[:, None]  # [BT, BE]
@@ -411,15 +608,15 @@ def _route_kernel(
     x_ptr, g_ptr, u_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr,  # x [T, d]; g, u [E, d]; idx, wt [T, A]; p [T, E]
     T, d, E,
     A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, LINEAR: tl.constexpr,
 ):
-    """Many tokens: the analytical router (method.md section 5) in one pass per tile of BT tokens."""
+    """Many tokens: the router in one pass per tile of BT tokens."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     r_ok = rows < T
     offs_e = tl.arange(0, BE)
     e_ok = offs_e < E
-    g, u = _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, 0, d, BT, BE, BK, UPCAST, IEEE)
-    _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E, A, ACT, BE)
+    g, u = _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, 0, d, BT, BE, BK, UPCAST, IEEE, LINEAR)
+    _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E, A, ACT, BE, LINEAR)
 
 
 @triton.jit
@@ -427,6 +624,7 @@ def _route_partial_kernel(
     x_ptr, g_ptr, u_ptr, part_ptr,  # part [SPLITS, 2, rows_pad, BE] float32
     T, d, rows_pad, E, KPER,
     BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    LINEAR: tl.constexpr,
 ):
     """Few tokens: partial scores over one slice of d (programs: token tiles x slices of d)."""
     tile = tl.program_id(0)
@@ -435,7 +633,7 @@ def _route_partial_kernel(
     r_ok = rows < T
     offs_e = tl.arange(0, BE)
     e_ok = offs_e < E
-    g, u = _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, split * KPER, split * KPER + KPER, BT, BE, BK, UPCAST, IEEE)
+    g, u = _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, split * KPER, split * KPER + KPER, BT, BE, BK, UPCAST, IEEE, LINEAR)
     out = part_ptr + split * 2 * rows_pad * BE + rows[:, None] * BE + offs_e[None, :]
     tl.store(out, g)
     tl.store(out + rows_pad * BE, u)
@@ -445,7 +643,7 @@ def _route_partial_kernel(
 def _route_reduce_kernel(
     part_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr,
     T, rows_pad, E, SPLITS,
-    A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+    A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, LINEAR: tl.constexpr,
 ):
     """Few tokens: sum the partial scores of every slice (fixed order: deterministic), then finish."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -457,8 +655,9 @@ def _route_reduce_kernel(
     ptr = part_ptr + rows[:, None] * BE + offs_e[None, :]
     for sp in range(SPLITS):
         g += tl.load(ptr + sp * 2 * rows_pad * BE)
-        u += tl.load(ptr + sp * 2 * rows_pad * BE + rows_pad * BE)
-    _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E, A, ACT, BE)
+        if not LINEAR:
+            u += tl.load(ptr + sp * 2 * rows_pad * BE + rows_pad * BE)
+    _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E, A, ACT, BE, LINEAR)
 
 
 ROUTE_SPLIT_MAX_TOKENS = 256  # up to this many tokens: scores split over slices of d (two kernels)
@@ -467,8 +666,11 @@ ROUTE_SPLIT_K = 256  # columns of d per slice
 
 @torch.library.custom_op("cmoe::triton_route", mutates_args=())
 def triton_route_op(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, act: str, top_k: int
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, act: str, top_k: int,
+    linear: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's (idx, weight, probs); ``linear``: scores = x @ gate^T (``up`` is not read),
+    else the analytical scores |<u_j, x> act(<g_j, x>)|."""
     T, d = x.shape
     E = gate.shape[0]
     idx = torch.empty(T, top_k, device=x.device, dtype=torch.int64)
@@ -489,22 +691,24 @@ def triton_route_op(
         splits = triton.cdiv(d, kper)
         part = torch.empty(splits, 2, tiles * bt, be, device=x.device, dtype=torch.float32)
         _route_partial_kernel[(tiles, splits)](
-            x, gate, up, part, T, d, tiles * bt, E, kper, BT=bt, BE=be, BK=bk, UPCAST=upcast, IEEE=ieee, num_warps=4
+            x, gate, up, part, T, d, tiles * bt, E, kper, BT=bt, BE=be, BK=bk, UPCAST=upcast, IEEE=ieee, LINEAR=linear,
+            num_warps=4,
         )
         _route_reduce_kernel[(tiles,)](
-            part, bias, scale, idx, wt, p, T, tiles * bt, E, splits, A=top_k, ACT=code, BT=bt, BE=be, num_warps=4
+            part, bias, scale, idx, wt, p, T, tiles * bt, E, splits, A=top_k, ACT=code, BT=bt, BE=be, LINEAR=linear,
+            num_warps=4,
         )
         return idx, wt, p
     bt = 64
     _route_kernel[(triton.cdiv(T, bt),)](
         x, gate, up, bias, scale, idx, wt, p, T, d, E,
-        A=top_k, ACT=code, BT=bt, BE=be, BK=64, UPCAST=upcast, IEEE=ieee, num_warps=4,
+        A=top_k, ACT=code, BT=bt, BE=be, BK=64, UPCAST=upcast, IEEE=ieee, LINEAR=linear, num_warps=4,
     )
     return idx, wt, p
 
 
 @triton_route_op.register_fake
-def _(x, gate, up, bias, scale, act, top_k):
+def _(x, gate, up, bias, scale, act, top_k, linear=False):
     T, E = x.shape[0], gate.shape[0]
     return (
         x.new_empty(T, top_k, dtype=torch.int64),
@@ -514,10 +718,12 @@ def _(x, gate, up, bias, scale, act, top_k):
 
 
 def fused_route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``router(x)`` of an ``AnalyticalRouter`` in one kernel: (idx [T, a], weight [T, a], probs [T, E])."""
-    return triton_route_op(
-        x, router.gate, router.up, router.bias, router.scale, activations.canonical(router.act), router.top_k
-    )
+    """``router(x)`` of an ``AnalyticalRouter`` or a ``LinearRouter`` in one kernel (two for few
+    tokens): (idx [T, a], weight [T, a], probs [T, E])."""
+    act = activations.canonical(router.act)
+    if hasattr(router, "weight"):  # LinearRouter
+        return triton_route_op(x, router.weight, router.weight, router.bias, router.scale, act, router.top_k, True)
+    return triton_route_op(x, router.gate, router.up, router.bias, router.scale, act, router.top_k)
 
 
 # ----------------------------------------------------------------------------- the op
@@ -531,29 +737,52 @@ def _check(x, idx, weight, gate_up, down, act):
         raise ValueError(f"activation {act!r} not supported by the Triton kernels; supported: {sorted(_ACT_CODE)}")
 
 
+SHARED_FOLD_MAX_TOKENS = 64  # up to this many tokens the shared expert runs inside the expert kernels (H200 sweep)
+
+
+def _shared_dense(x, shared_gate_up, shared_down, act: str) -> torch.Tensor:
+    g, u = torch.nn.functional.linear(x, shared_gate_up).chunk(2, dim=-1)
+    return torch.nn.functional.linear(activations.apply(act, g) * u, shared_down)
+
+
 @torch.library.custom_op("cmoe::triton_experts", mutates_args=())
 def triton_experts_op(
-    x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: str
+    x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: str,
+    shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Routed experts, plus the shared expert when its weights are given."""
     _check(x, idx, weight, gate_up, down, act)
     T, a = idx.shape
-    if T == 0 or a == 0:
+    has_shared = shared_down is not None and shared_down.shape[1] > 0
+    if T == 0 or (a == 0 and not has_shared):
         return torch.zeros_like(x)
     x, idx, weight = x.contiguous(), idx.contiguous(), weight.contiguous().float()
     gate_up, down = gate_up.contiguous(), down.contiguous()
+    shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if has_shared else None
+    extra = None
+    if shared is not None and (T > SHARED_FOLD_MAX_TOKENS or a == 0):  # prefill: cuBLAS does the dense part best
+        extra, shared = _shared_dense(x, *shared, act), None
+    if a == 0:
+        return extra
     if T * a <= GEMV_MAX_PAIRS:
-        return _gemv_experts(x, idx, weight, gate_up, down, act)
-    return _grouped_experts(x, idx, weight, gate_up, down, act)
+        out = _gemv_experts(x, idx, weight, gate_up, down, act, shared=shared)
+    elif T <= FEW_MAX_TOKENS:
+        out = _few_experts(x, idx, weight, gate_up, down, act, shared=shared)
+    else:
+        out = _grouped_experts(x, idx, weight, gate_up, down, act, shared=shared)
+    return out if extra is None else out + extra
 
 
 @triton_experts_op.register_fake
-def _(x, idx, weight, gate_up, down, act):
+def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None):
     return torch.empty_like(x)
 
 
 @register("triton")
-def triton_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
-    """Triton kernels: a GEMV over the selected experts for few pairs, a grouped GEMM beyond."""
-    return triton_experts_op(x, idx, weight, gate_up, down, activations.canonical(act))
+def triton_experts(x, idx, weight, gate_up, down, act: str, shared_gate_up=None, shared_down=None) -> torch.Tensor:
+    """Triton kernels: a GEMV over the selected experts for few pairs, a grouped GEMM beyond;
+    with ``shared_gate_up [2ms, d]`` / ``shared_down [d, ms]``, the shared expert is added
+    (folded into the same kernels for up to ``SHARED_FOLD_MAX_TOKENS`` tokens)."""
+    return triton_experts_op(x, idx, weight, gate_up, down, activations.canonical(act), shared_gate_up, shared_down)
 
 
