@@ -34,6 +34,7 @@ VARIANTS = {
     "+ linear router (ridge)": (dict(recipe="paper", router="linear"), None),
     "+ contrib partition": (dict(recipe="paper", features="contrib", kmeans_iters=0), None),
     "+ down refit": (dict(recipe="paper", refit="down"), None),
+    "+ down refit toward the dense stream": (dict(recipe="paper", refit="down", refit_stream=0.5), None),
     "+ sensitivity allocation": (dict(recipe="paper", allocation="sensitivity"), None),
     "+ calib wiki+c4": (dict(recipe="paper"), WIKI_C4),
     "+ calib wiki+c4+code x2": (dict(recipe="paper"), MIX),
