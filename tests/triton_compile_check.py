@@ -1,0 +1,108 @@
+"""Lower every Triton kernel of ``cmoe.triton_experts`` to Triton IR for a Hopper GPU (sm_90),
+on any machine: the front end of Triton's NVIDIA backend needs no GPU. The interpreter that
+the other tests use runs the kernels' Python, but not the compiler's type checks (for
+example, a variable that is int64 in one branch of an ``if`` and int32 in the other); this
+catches those. Only the front end runs (``make_ir``), a few seconds in all; ``--full`` runs the
+whole compilation to PTX and cubin (minutes). Run as a script with TRITON_INTERPRET unset;
+prints one line per kernel and exits 1 if any failed. ``tests/test_triton_experts.py`` runs it."""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.compiler.errors import CompilationError
+
+from cmoe import triton_experts as te
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def signature(kernel, pointers: dict[str, str], consts: dict) -> dict[str, str]:
+    """Arguments named ``*_ptr`` get the pointer type from ``pointers`` (default: the "x" entry),
+    constexpr arguments "constexpr", the rest i32."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, pointers["x"])
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def cases():
+    """(label, kernel, pointer types, constexprs): every kernel in the configurations the module uses."""
+    for dt, upcast_ieee in (("*bf16", dict(UPCAST=False, IEEE=False)), ("*fp32", dict(UPCAST=False, IEEE=True))):
+        ptrs = {"x": dt, "idx_ptr": "*i64", "wt_ptr": "*fp32", "sorted_ptr": "*i32", "tile_expert_ptr": "*i32"}
+        for S in (0, 3):
+            bn, bk, _ = te.GEMV_CONFIG["gate_up"]
+            yield (f"gemv_gate_up {dt} S={S}", te._gemv_gate_up, {**ptrs, "h_ptr": "*fp32"},
+                   dict(A=3, S=S, ACT=0, BN=bn, BK=bk))
+            bn, bk, _ = te.GEMV_CONFIG["down"]
+            yield (f"gemv_down {dt} S={S}", te._gemv_down, {**ptrs, "h_ptr": "*fp32"}, dict(A=3, S=S, BN=bn, BK=bk))
+            bn, bk, _, _ = te.FEW_CONFIG["gate_up"]
+            yield (f"few_gate_up {dt} S={S}", te._few_gate_up, ptrs,
+                   dict(A=3, AP=4, S=S, ACT=1, TP=16, BN=bn, BK=bk, **upcast_ieee))
+            bn, bk, _, _ = te.FEW_CONFIG["down"]
+            yield (f"few_down {dt} S={S}", te._few_down, ptrs, dict(A=3, AP=4, S=S, TP=16, BN=bn, BK=bk, **upcast_ieee))
+            for _, cfg in te.GROUPED_CONFIGS:
+                bt = cfg["bt"]
+                bn, bk, _, _ = cfg["gate_up"]
+                yield (f"grouped_gate_up {dt} S={S} bt={bt}", te._grouped_gate_up, ptrs,
+                       dict(A=3, S=S, ACT=0, BT=bt, BN=bn, BK=bk, GROUP=8, **upcast_ieee))
+                bn, bk, _, _ = cfg["down"]
+                yield (f"grouped_down {dt} S={S} bt={bt}", te._grouped_down, ptrs,
+                       dict(S=S, BT=bt, BN=bn, BK=bk, GROUP=8, **upcast_ieee))
+        yield (f"align {dt}", te._align_kernel, {"x": "*i32", "idx_ptr": "*i64"}, dict(BT=64, CHUNK=1024))
+    for xdt, wdt in (("*bf16", "*bf16"), ("*bf16", "*fp32"), ("*fp32", "*fp32")):
+        ieee = wdt == "*fp32" or xdt == "*fp32"
+        rptrs = {"x": wdt, "x_ptr": xdt, "bias_ptr": "*fp32", "scale_ptr": "*fp32", "idx_ptr": "*i64",
+                 "wt_ptr": "*fp32", "p_ptr": "*fp32", "part_ptr": "*fp32"}
+        for linear in (False, True):
+            flags = dict(UPCAST=False, IEEE=ieee, LINEAR=linear)
+            yield (f"route {xdt}/{wdt} linear={linear}", te._route_kernel, rptrs,
+                   dict(A=2, ACT=0, BT=64, BE=16, BK=64, **flags))
+            yield (f"route_partial {xdt}/{wdt} linear={linear}", te._route_partial_kernel, rptrs,
+                   dict(BT=16, BE=16, BK=128, **flags))
+            yield (f"route_reduce {xdt}/{wdt} linear={linear}", te._route_reduce_kernel, rptrs,
+                   dict(A=2, ACT=0, BT=16, BE=16, LINEAR=linear))
+
+
+def front_end(src: ASTSource) -> None:
+    """What ``triton.compile`` does before its first lowering pass: AST -> Triton IR, verified."""
+    backend = make_backend(TARGET)
+    options = backend.parse_options(src.parse_options())
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+    if not module.verify():
+        raise RuntimeError("the Triton IR does not verify")
+
+
+def main(argv: list[str]) -> int:
+    failed = 0
+    for i, (label, kernel, ptrs, consts) in enumerate(cases()):
+        src = ASTSource(fn=kernel, signature=signature(kernel, ptrs, consts), constexprs=consts)
+        try:
+            triton.compile(src, target=TARGET) if "--full" in argv else front_end(src)
+            print("ok  ", label, flush=True)
+        except CompilationError as e:
+            failed += 1
+            print("FAIL", label, type(e).__name__, str(e).replace("\n", " ")[:400], flush=True)
+        except Exception as e:  # noqa: BLE001
+            if i == 0:  # Triton's internal compile API differs from the one this script drives
+                print(f"UNSUPPORTED triton {triton.__version__}: {type(e).__name__}: {e}", flush=True)
+                return 2
+            failed += 1
+            print("FAIL", label, type(e).__name__, str(e).replace("\n", " ")[:400], flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
