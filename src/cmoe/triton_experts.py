@@ -81,11 +81,93 @@ def _act(g, ACT: tl.constexpr):
         return tl.maximum(g, 0.0)
 
 
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b, accumulated in float32. UPCAST (the interpreter's bf16 dot is wrong) or IEEE
+    (float32 inputs, or mixed ones): the operands in float32; IEEE: exact float32 products."""
+    if UPCAST or IEEE:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _matmul_pair(x_ptr, rows, r_ok, wg, wu, n_ok, d, k_start, k_stop,
+                 R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                 EVICT: tl.constexpr, FIRST_ONLY: tl.constexpr):
+    """Rows ``rows`` [R] of x [*, d] (``r_ok``: which exist) times two weight blocks given by
+    pointers to the start of each of their BN rows, ``wg`` and ``wu`` [BN] (``n_ok``: which
+    exist), over columns [k_start, k_stop) of d: two [R, BN] float32 blocks (FIRST_ONLY: ``wu``
+    is not read and the second block stays 0). Expert gate/up rows, router rows alike."""
+    acc_g = tl.zeros((R, BN), tl.float32)
+    acc_u = tl.zeros((R, BN), tl.float32)
+    for k0 in range(k_start, k_stop, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < d
+        xk = tl.load(x_ptr + rows[:, None] * d + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        mk = k_ok[:, None] & n_ok[None, :]
+        bg = tl.load(wg[None, :] + offs_k[:, None], mask=mk, other=0.0, eviction_policy=EVICT)  # [BK, BN]
+        acc_g = _dot(xk, bg, acc_g, UPCAST, IEEE)
+        if not FIRST_ONLY:
+            bu = tl.load(wu[None, :] + offs_k[:, None], mask=mk, other=0.0, eviction_policy=EVICT)
+            acc_u = _dot(xk, bu, acc_u, UPCAST, IEEE)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _down_block(acc, h_rows, r_ok, wd, n_ok, m, k_end,
+                BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, EVICT: tl.constexpr):
+    """acc [R, BN] + h @ W^T: activations from the pointers to column 0 of each of R rows,
+    ``h_rows`` [R] (``r_ok``: which exist), down-projection rows from ``wd`` [BN] (``n_ok``),
+    over the first ``k_end`` of the m columns."""
+    for k0 in range(0, m, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < k_end
+        hk = tl.load(h_rows[:, None] + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        bd = tl.load(wd[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy=EVICT)
+        acc = _dot(hk, bd, acc, UPCAST, IEEE)
+    return acc
+
+
 # ----------------------------------------------------------------------------- GEMV path
 # The shared expert (``shared_gate_up [2 ms, d]``, gate rows first, ``shared_down [d, ms]``) rides
 # along as S = ceil(ms / m) pieces of m neurons that every token selects with weight 1: slots
 # 0..S-1 of each token are the shared pieces, slots S..S+A-1 its routed experts. ``sw_ptr`` /
-# ``sd_ptr`` are never read when S = 0.
+# ``sd_ptr`` are never read when S = 0. The grouped and few-token paths number the pieces the
+# same way, as "virtual experts" 0..S-1, followed by the routed experts S..S+E-1.
+@triton.jit
+def _gate_up_rows(w_ptr, sw_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
+    """Virtual expert e, neurons offs_n [BN]: (pointers to their gate rows, the offset from a
+    gate row to its up row, which neurons exist)."""
+    e = tl.cast(e, tl.int64)  # e may be a plain int (a loop counter)
+    if e < S:  # a piece of the shared expert: rows e*m.. of shared_gate_up [2ms, d]
+        n_ok = (offs_n < m) & (e * m + offs_n < ms)
+        wg = sw_ptr + (e * m + offs_n) * d
+        up = ms * d
+    else:  # routed expert e - S: rows of gate_up [E, 2m, d]
+        n_ok = offs_n < m
+        wg = w_ptr + (e - S) * (2 * m) * d + offs_n.to(tl.int64) * d
+        up = m * d
+    return wg, up, n_ok
+
+
+@triton.jit
+def _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
+    """Virtual expert e, output rows offs_n [BN] of d: (pointers to the start of those rows of
+    its down projection, how many of its m columns exist)."""
+    e = tl.cast(e, tl.int64)  # e may be a plain int (a loop counter)
+    if e < S:  # a piece of the shared expert: columns e*m.. of shared_down [d, ms]
+        wd = sd_ptr + e * m + offs_n.to(tl.int64) * ms
+        k_end = tl.minimum(m, ms - e * m).to(tl.int32)
+    else:  # routed expert e - S: down [E, d, m]
+        wd = w_ptr + (e - S) * d * m + offs_n.to(tl.int64) * m
+        k_end = m
+    return wd, k_end
+
+
 @triton.jit
 def _gemv_gate_up(
     x_ptr, idx_ptr, w_ptr, sw_ptr, h_ptr,  # x [T, d], idx [T, A], gate_up [E, 2m, d], shared_gate_up [2ms, d], h [T, S+A, m] fp32
@@ -97,16 +179,12 @@ def _gemv_gate_up(
     t = p // (S + A)
     slot = p % (S + A)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    if slot < S:  # a piece of the shared expert
-        rows = slot * m + offs_n
-        n_ok = (offs_n < m) & (rows < ms)
-        wg = sw_ptr + rows[:, None].to(tl.int64) * d  # [BN, 1] gate rows
-        wu = wg + ms * d  # up rows
-    else:
-        e = tl.load(idx_ptr + t * A + slot - S).to(tl.int64)
-        n_ok = offs_n < m
-        wg = w_ptr + e * (2 * m) * d + offs_n[:, None].to(tl.int64) * d
-        wu = wg + m * d
+    e = slot.to(tl.int64)  # virtual expert: a shared piece, or the routed expert chosen in this slot
+    if slot >= S:
+        e = tl.load(idx_ptr + t * A + slot - S).to(tl.int64) + S
+    wg, up, n_ok = _gate_up_rows(w_ptr, sw_ptr, e, offs_n, d, m, ms, S)
+    wg = wg[:, None]  # [BN, 1] gate rows
+    wu = wg + up
     acc_g = tl.zeros((BN, BK), tl.float32)
     acc_u = tl.zeros((BN, BK), tl.float32)
     for k0 in range(0, d, BK):
@@ -222,32 +300,9 @@ def _few_gate_up(
     used, _ = _used_by(idx_ptr, wt_ptr, offs_t, t_ok, slot - S, A, AP)  # 0 for the shared pieces
     if slot >= S and used == 0:  # an expert no token chose: nothing to compute
         return
-    if slot < S:
-        n_ok = (offs_n < m) & (slot * m + offs_n < ms)
-        wg = sw_ptr + (slot * m + offs_n[None, :]).to(tl.int64) * d  # [1, BN]
-        wu = wg + ms * d
-    else:
-        n_ok = offs_n < m
-        wg = w_ptr + (slot - S).to(tl.int64) * (2 * m) * d + offs_n[None, :].to(tl.int64) * d
-        wu = wg + m * d
-    acc_g = tl.zeros((TP, BN), tl.float32)
-    acc_u = tl.zeros((TP, BN), tl.float32)
-    for k0 in range(0, d, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_ok = offs_k < d
-        xk = tl.load(x_ptr + offs_t[:, None] * d + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        mk = k_ok[:, None] & n_ok[None, :]
-        bg = tl.load(wg + offs_k[:, None], mask=mk, other=0.0, eviction_policy="evict_first")  # [BK, BN]
-        bu = tl.load(wu + offs_k[:, None], mask=mk, other=0.0, eviction_policy="evict_first")
-        if UPCAST:
-            xk, bg, bu = xk.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        if IEEE:
-            acc_g = tl.dot(xk, bg, acc_g, input_precision="ieee")
-            acc_u = tl.dot(xk, bu, acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(xk, bg, acc_g)
-            acc_u = tl.dot(xk, bu, acc_u)
-    hv = _act(acc_g, ACT) * acc_u
+    wg, up, n_ok = _gate_up_rows(w_ptr, sw_ptr, slot, offs_n, d, m, ms, S)
+    g, u = _matmul_pair(x_ptr, offs_t, t_ok, wg, wg + up, n_ok, d, 0, d, TP, BN, BK, UPCAST, IEEE, "evict_first", False)
+    hv = _act(g, ACT) * u
     out = h_ptr + (offs_t[:, None] * (S + E) + slot) * m + offs_n[None, :]
     tl.store(out, hv.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
 
@@ -266,34 +321,15 @@ def _few_down(
     n_ok = offs_n < d
     acc = tl.zeros((TP, BN), tl.float32)
     for slot in range(0, S):  # the shared pieces: weight 1 for every token
-        ws = sd_ptr + slot * m + offs_n[None, :].to(tl.int64) * ms  # [1, BN]
-        for k0 in range(0, m, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            k_ok = (offs_k < m) & (slot * m + offs_k < ms)
-            hk = tl.load(h_ptr + (offs_t[:, None] * (S + E) + slot) * m + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            bd = tl.load(ws + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
-            if UPCAST:
-                hk, bd = hk.to(tl.float32), bd.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(hk, bd, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(hk, bd, acc)
+        wd, k_end = _down_rows(w_ptr, sd_ptr, slot, offs_n, d, m, ms, S)
+        h_rows = h_ptr + (offs_t * (S + E) + slot) * m
+        acc = _down_block(acc, h_rows, t_ok, wd, n_ok, m, k_end, BK, UPCAST, IEEE, "evict_first")
     for e in range(0, E):
         used, coef = _used_by(idx_ptr, wt_ptr, offs_t, t_ok, e, A, AP)
         if used > 0:
-            wd = w_ptr + e * d * m + offs_n[None, :].to(tl.int64) * m  # [1, BN]
-            part = tl.zeros((TP, BN), tl.float32)
-            for k0 in range(0, m, BK):
-                offs_k = k0 + tl.arange(0, BK)
-                k_ok = offs_k < m
-                hk = tl.load(h_ptr + (offs_t[:, None] * (S + E) + S + e) * m + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-                bd = tl.load(wd + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
-                if UPCAST:
-                    hk, bd = hk.to(tl.float32), bd.to(tl.float32)
-                if IEEE:
-                    part = tl.dot(hk, bd, part, input_precision="ieee")
-                else:
-                    part = tl.dot(hk, bd, part)
+            wd, k_end = _down_rows(w_ptr, sd_ptr, S + e, offs_n, d, m, ms, S)
+            h_rows = h_ptr + (offs_t * (S + E) + S + e) * m
+            part = _down_block(tl.zeros((TP, BN), tl.float32), h_rows, t_ok, wd, n_ok, m, k_end, BK, UPCAST, IEEE, "evict_first")
             acc += part * coef[:, None]
     tl.store(out_ptr + offs_t[:, None] * d + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
 
@@ -415,32 +451,9 @@ def _grouped_gate_up(
     valid = pair < P
     tok = (pair // (S + A)).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    if e < S:  # a piece of the shared expert (see the GEMV path)
-        n_ok = (offs_n < m) & (e * m + offs_n < ms)
-        wg = sw_ptr + (e * m + offs_n[None, :]).to(tl.int64) * d  # [1, BN]
-        wu = wg + ms * d
-    else:
-        n_ok = offs_n < m
-        wg = w_ptr + (e - S) * (2 * m) * d + offs_n[None, :].to(tl.int64) * d  # [1, BN]
-        wu = wg + m * d
-    acc_g = tl.zeros((BT, BN), tl.float32)
-    acc_u = tl.zeros((BT, BN), tl.float32)
-    for k0 in range(0, d, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_ok = offs_k < d
-        xk = tl.load(x_ptr + tok[:, None] * d + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        mk = k_ok[:, None] & n_ok[None, :]
-        bg = tl.load(wg + offs_k[:, None], mask=mk, other=0.0)  # [BK, BN]
-        bu = tl.load(wu + offs_k[:, None], mask=mk, other=0.0)
-        if UPCAST:
-            xk, bg, bu = xk.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        if IEEE:
-            acc_g = tl.dot(xk, bg, acc_g, input_precision="ieee")
-            acc_u = tl.dot(xk, bu, acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(xk, bg, acc_g)
-            acc_u = tl.dot(xk, bu, acc_u)
-    hv = _act(acc_g, ACT) * acc_u
+    wg, up, n_ok = _gate_up_rows(w_ptr, sw_ptr, e, offs_n, d, m, ms, S)
+    g, u = _matmul_pair(x_ptr, tok, valid, wg, wg + up, n_ok, d, 0, d, BT, BN, BK, UPCAST, IEEE, "", False)
+    hv = _act(g, ACT) * u
     tl.store(h_ptr + rows[:, None].to(tl.int64) * m + offs_n[None, :], hv.to(h_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
@@ -466,24 +479,9 @@ def _grouped_down(
     valid = pair < P
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < d
-    if e < S:  # a piece of the shared expert: columns e*m.. of shared_down, rows of length ms
-        wd = sd_ptr + e * m + offs_n[None, :].to(tl.int64) * ms  # [1, BN]
-        k_end = tl.minimum(m, ms - e * m).to(tl.int32)
-    else:
-        wd = w_ptr + (e - S) * d * m + offs_n[None, :].to(tl.int64) * m  # [1, BN]
-        k_end = m
-    acc = tl.zeros((BT, BN), tl.float32)
-    for k0 in range(0, m, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_ok = offs_k < k_end
-        hk = tl.load(h_ptr + rows[:, None].to(tl.int64) * m + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        bd = tl.load(wd + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
-        if UPCAST:
-            hk, bd = hk.to(tl.float32), bd.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(hk, bd, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(hk, bd, acc)
+    wd, k_end = _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S)
+    h_rows = h_ptr + rows.to(tl.int64) * m
+    acc = _down_block(tl.zeros((BT, BN), tl.float32), h_rows, valid, wd, n_ok, m, k_end, BK, UPCAST, IEEE, "")
     rw = tl.load(wt_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
     tl.store(y_ptr + pair[:, None].to(tl.int64) * d + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
@@ -553,29 +551,8 @@ def _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, k_start, k_s
                   LINEAR: tl.constexpr):
     """<x, g_j> and <x, u_j> over columns [k_start, k_stop) of d: two [BT, BE] float32 blocks
     (LINEAR: the linear router's <x, W_j> in the first; u is not read)."""
-    acc_g = tl.zeros((BT, BE), tl.float32)
-    acc_u = tl.zeros((BT, BE), tl.float32)
-    for k0 in range(k_start, k_stop, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_ok = offs_k < d
-        xk = tl.load(x_ptr + rows[:, None].to(tl.int64) * d + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        mk = k_ok[:, None] & e_ok[None, :]
-        gk = tl.load(g_ptr + offs_e[None, :] * d + offs_k[:, None], mask=mk, other=0.0)  # [BK, BE]
-        if IEEE or UPCAST:
-            xk, gk = xk.to(tl.float32), gk.to(tl.float32)
-        if IEEE:
-            acc_g = tl.dot(xk, gk, acc_g, input_precision="ieee")
-        else:
-            acc_g = tl.dot(xk, gk, acc_g)
-        if not LINEAR:
-            uk = tl.load(u_ptr + offs_e[None, :] * d + offs_k[:, None], mask=mk, other=0.0)
-            if IEEE or UPCAST:
-                uk = uk.to(tl.float32)
-            if IEEE:
-                acc_u = tl.dot(xk, uk, acc_u, input_precision="ieee")
-            else:
-                acc_u = tl.dot(xk, uk, acc_u)
-    return acc_g, acc_u
+    return _matmul_pair(x_ptr, rows.to(tl.int64), r_ok, g_ptr + offs_e * d, u_ptr + offs_e * d, e_ok, d, k_start, k_stop,
+                        BT, BE, BK, UPCAST, IEEE, "", LINEAR)
 
 
 @triton.jit
