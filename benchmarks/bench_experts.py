@@ -216,47 +216,29 @@ def sweep(args) -> int:
 
                     return graph_ms(run) / args.copies * 1e3
 
-                res = []
                 t_r = t_of(lambda lay: te.fused_route(lay.router, x))
+                tries = []  # (path, kernel function, tile configuration)
                 if T * s.top_k <= 32:
-                    for gu in GEMV_CANDIDATES:
-                        for dn in GEMV_CANDIDATES:
-                            if gu != dn and dn not in GEMV_CANDIDATES[:3]:
-                                continue
-                            cfg = {"gate_up": gu, "down": dn}
-                            try:
-                                t = t_of(lambda lay: te._gemv_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg, sh(lay)))
-                            except Exception as e:  # noqa: BLE001
-                                print("  fail", cfg, type(e).__name__)
-                                continue
-                            res.append((t, "gemv", cfg))
+                    tries += [("gemv", te._gemv_experts, {"gate_up": gu, "down": dn}) for gu in GEMV_CANDIDATES
+                              for dn in GEMV_CANDIDATES if gu == dn or dn in GEMV_CANDIDATES[:3]]
                 if T <= te.FEW_MAX_TOKENS:
-                    for gu in FEW_CANDIDATES:
-                        for dn in FEW_CANDIDATES:
-                            if gu != dn and dn != FEW_CANDIDATES[1]:
-                                continue
-                            cfg = {"gate_up": gu, "down": dn}
-                            try:
-                                out = te._few_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj,
-                                                      "silu", cfg, sh(layers[0]))
-                                assert ((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
-                                t = t_of(lambda lay: te._few_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj,
-                                                                     "silu", cfg, sh(lay)))
-                            except Exception as e:  # noqa: BLE001
-                                print("  fail", cfg, type(e).__name__, str(e)[:100])
-                                continue
-                            res.append((t, "few", cfg))
-                for cfg in GROUPED_CANDIDATES:
-                    try:
-                        out = te._grouped_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj, "silu", cfg,
-                                                  sh(layers[0]))
+                    tries += [("few", te._few_experts, {"gate_up": gu, "down": dn}) for gu in FEW_CANDIDATES
+                              for dn in FEW_CANDIDATES if gu == dn or dn == FEW_CANDIDATES[1]]
+                tries += [("grouped", te._grouped_experts, cfg) for cfg in GROUPED_CANDIDATES]
+                res = []
+                for kind, fn, cfg in tries:
+
+                    def call(lay, fn=fn, cfg=cfg):
+                        return fn(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg, sh(lay))
+
+                    try:  # every candidate is checked against the reference before it is timed
+                        out = call(layers[0])
                         assert ((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
-                        t = t_of(lambda lay: te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg,
-                                                                 sh(lay)))
+                        t = t_of(call)
                     except Exception as e:  # noqa: BLE001
-                        print("  fail", cfg, type(e).__name__, str(e)[:100])
+                        print("  fail", kind, cfg, type(e).__name__, str(e)[:100])
                         continue
-                    res.append((t, "grouped", cfg))
+                    res.append((t, kind, cfg))
                 res.sort(key=lambda r: r[0])
                 touched = int(torch.unique(idx).numel())
                 mb = ((touched * s.expert_size + (s.shared_size if fold else 0)) * 3 * d * 2) / 1e6

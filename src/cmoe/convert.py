@@ -126,26 +126,6 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _ffn_inputs(layer, mlp, hidden, args, kwargs, device, batch_size):
-    """Run ``layer`` up to its FFN on ``hidden [N, S, d]``: the FFN inputs [N*S, d] on ``device``."""
-    ffn_inputs = []
-
-    def grab(module, inp):
-        ffn_inputs.append(inp[0].reshape(-1, inp[0].shape[-1]))
-        raise _Stop
-
-    handle = mlp.register_forward_pre_hook(grab)
-    try:
-        for h in hidden.split(batch_size):
-            try:
-                layer(h.to(device), *args, **kwargs)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(ffn_inputs)
-
-
 def _without_ffn(layer, family, mlp, hidden, args, kwargs, device, batch_size):
     """Run ``layer`` on ``hidden [N, S, d]`` with its FFN replaced by a probe that records its
     inputs and adds nothing: (the residual streams before the FFN's contribution, per batch of
@@ -157,6 +137,13 @@ def _without_ffn(layer, family, mlp, hidden, args, kwargs, device, batch_size):
     finally:
         setattr(layer, family.mlp_attr, mlp)
     return residual, torch.cat(probe.inputs)
+
+
+def _with_ffn(layer, family, ffn, residual, x):
+    """The layer's outputs, per batch: the residual streams from ``_without_ffn`` plus what
+    ``ffn`` adds for the FFN inputs x [N*S, d] (in the same order)."""
+    sizes = [r.numel() // r.shape[-1] for r in residual]
+    return [r + family.ffn_residual(layer, ffn(xr).view_as(r)) for r, xr in zip(residual, x.split(sizes))]
 
 
 def _stream_refit(config: CMoEConfig, family) -> bool:
@@ -178,9 +165,10 @@ def _sensitivity_pass(model, family, layers, hidden, calls, config, device, batc
         layer.to(device)
         args, kwargs = _to(calls[i], device)
         mlp = getattr(layer, family.mlp_attr)
-        x = _ffn_inputs(layer, mlp, hidden, args, kwargs, device, batch_size)
+        residual, x = _without_ffn(layer, family, mlp, hidden, args, kwargs, device, batch_size)
         check_activations(x)
-        hidden = torch.cat([_first(layer(h.to(device), *args, **kwargs)).to("cpu") for h in hidden.split(batch_size)])
+        hidden = torch.cat([h.to("cpu") for h in _with_ffn(layer, family, mlp, residual, x)])
+        del residual
         # typical residual-stream energy: d x the median per-dimension energy (robust to the few
         # "massive activation" dimensions that would otherwise make some layers look insensitive)
         per_dim = hidden.float().pow(2).reshape(-1, hidden.shape[-1]).mean(0)  # [d]
@@ -243,23 +231,18 @@ def convert_(
         residual, x = _without_ffn(layer, family, mlp, hidden, args, kwargs, device, batch_size)
         toward = None
         if dense_hidden is not None:  # what this FFN must add to land on the dense next hidden state
-            dense_residual, dense_x = _without_ffn(layer, family, mlp, dense_hidden, args, kwargs, device, batch_size)
-            dense_next = [r + family.ffn_residual(layer, mlp(xr).view_as(r)) for r, xr in
-                          zip(dense_residual, dense_x.split([r.numel() // r.shape[-1] for r in dense_residual]))]
+            dense_next = _with_ffn(layer, family, mlp, *_without_ffn(layer, family, mlp, dense_hidden, args, kwargs, device, batch_size))
             toward = torch.cat([(dn - r).reshape(-1, r.shape[-1]) for dn, r in zip(dense_next, residual)])
             if family.ffn_multiplier:
                 toward = toward / getattr(layer, family.ffn_multiplier)
             dense_hidden = torch.cat([dn.to(store) for dn in dense_next])
-            del dense_residual, dense_x, dense_next
+            del dense_next
 
         weights = family.read(mlp, model.config)
         moe, stats = carve(weights, x, plan[i], toward)
         setattr(layer, family.mlp_attr, moe)
         del mlp, weights
-        sizes = [r.numel() // r.shape[-1] for r in residual]
-        hidden = torch.cat(
-            [(r + family.ffn_residual(layer, moe(xr).view_as(r))).to(store) for r, xr in zip(residual, x.split(sizes))]
-        )
+        hidden = torch.cat([h.to(store) for h in _with_ffn(layer, family, moe, residual, x)])
         del x, residual, toward
         layer.to(home)
         specs.append(moe.spec.to_dict())

@@ -35,6 +35,11 @@ def _glu(h: torch.Tensor, act: str) -> torch.Tensor:
     return activations.apply(act, g) * u
 
 
+def shared_expert(x, gate_up, down, act: str) -> torch.Tensor:
+    """The shared expert from its raw weights: gate_up [2ms, d] (gate rows first), down [d, ms]."""
+    return _glu(x @ gate_up.T, act) @ down.T
+
+
 @register("loop")
 def loop_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     """Reference: a Python loop over experts (host syncs; the oracle, not the fast path)."""
@@ -161,5 +166,4 @@ def run_experts(impl: str, x, idx, weight, gate_up, down, act: str, shared=None)
         return EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act)
     if name == "triton":
         return EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act, *shared)
-    out = EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act)
-    return out + _glu(x @ shared[0].T, act) @ shared[1].T
+    return EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act) + shared_expert(x, *shared, act)

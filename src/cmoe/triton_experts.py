@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .experts import register
+from .experts import register, shared_expert
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
@@ -717,11 +717,6 @@ def _check(x, idx, weight, gate_up, down, act):
 SHARED_FOLD_MAX_TOKENS = 64  # up to this many tokens the shared expert runs inside the expert kernels (H200 sweep)
 
 
-def _shared_dense(x, shared_gate_up, shared_down, act: str) -> torch.Tensor:
-    g, u = torch.nn.functional.linear(x, shared_gate_up).chunk(2, dim=-1)
-    return torch.nn.functional.linear(activations.apply(act, g) * u, shared_down)
-
-
 @torch.library.custom_op("cmoe::triton_experts", mutates_args=())
 def triton_experts_op(
     x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: str,
@@ -738,7 +733,7 @@ def triton_experts_op(
     shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if has_shared else None
     extra = None
     if shared is not None and (T > SHARED_FOLD_MAX_TOKENS or a == 0):  # prefill: cuBLAS does the dense part best
-        extra, shared = _shared_dense(x, *shared, act), None
+        extra, shared = shared_expert(x, *shared, act), None
     if a == 0:
         return extra
     if T * a <= GEMV_MAX_PAIRS:
