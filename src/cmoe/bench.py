@@ -287,6 +287,8 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
     for b in args.decode_batches:
         t0 = time.perf_counter()
         tg = time_generation(model, b, args.prompt, new_tokens=args.steps, compile=not args.no_compile, repeats=args.repeats)
+        if getattr(args, "profile", False):
+            profile_decode(model, b, args.prompt, args.steps, log)
         touched = touched_experts(model, b, args.prompt) if moe else None
         ctx = args.prompt + args.steps // 2
         cost = step_cost(model, b, 1, ctx, touched)
@@ -298,6 +300,46 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
         model.__dict__.pop("_cmoe_static_caches", None)
         torch.cuda.empty_cache()
     return rows
+
+
+@torch.no_grad()
+def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int = 8) -> None:
+    """Where one compiled decode step's time goes: wall time per step (host loop included),
+    GPU busy time per step, and the kernels that take it (torch.profiler over ``n`` steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cmoe.generation import _cache_kwarg, _forward_logits, compiled_decode_step, get_static_cache
+
+    kw = _cache_kwarg(model)
+    cache = get_static_cache(model, batch, prompt_len + steps + 1)  # the size time_generation compiled for
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    tok = _forward_logits(model, ids, torch.arange(prompt_len, device="cuda")[None], cache, kw).argmax(-1)[:, None]
+    pos = torch.full((1, 1), prompt_len, dtype=torch.long, device="cuda")
+    step = compiled_decode_step()
+    for _ in range(2):
+        tok = step(model, cache, kw, tok.clone(), pos.clone(), False, 1.0, None, None)
+        pos += 1
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = step(model, cache, kw, tok.clone(), pos.clone(), False, 1.0, None, None)
+            pos += 1
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / n / 1e6  # device_time in us
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / n / 1e6 if kernels else 0.0
+    log(f"  profile decode b={batch}: wall {wall * 1e3:.3f} ms/step (profiler on), GPU busy {busy * 1e3:.3f} ms/step, "
+        f"GPU span {span * 1e3:.3f} ms/step, {len(kernels) / n:.0f} kernels/step")
+    totals: dict[str, list] = {}
+    for e in kernels:
+        t = totals.setdefault(e.name[:90], [0.0, 0])
+        t[0] += e.device_time / n
+        t[1] += 1
+    for name, (us, cnt) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:16]:
+        log(f"    {us:8.1f} us/step  {cnt / n:4.0f}x  {name}")
+    model.__dict__.pop("_cmoe_static_caches", None)
 
 
 def fill_ratios(rows: list[Row], ceil: dict) -> None:
@@ -368,7 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--profile", action="store_true", help="print a profile of each prefill")
+    p.add_argument("--profile", action="store_true", help="print a kernel profile of each prefill and decode cell")
     p.add_argument("--calib", default="2x512", help="calibration tokens NxS for convert_")
     p.add_argument("--out", default=None, help="write the table (markdown) and raw rows (json) here")
     args = p.parse_args(argv)

@@ -141,30 +141,25 @@ def _down_block(acc, h_rows, r_ok, wd, n_ok, m, k_end,
 @triton.jit
 def _gate_up_rows(w_ptr, sw_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
     """Virtual expert e, neurons offs_n [BN]: (pointers to their gate rows, the offset from a
-    gate row to its up row, which neurons exist)."""
+    gate row to its up row, which neurons exist). Selects with ``tl.where``, not ``if``: Triton
+    3.6 loses the pointers' alignment through an ``if`` and then loads one element at a time."""
     e = tl.cast(e, tl.int64)  # e may be a plain int (a loop counter)
-    if e < S:  # a piece of the shared expert: rows e*m.. of shared_gate_up [2ms, d]
-        n_ok = (offs_n < m) & (e * m + offs_n < ms)
-        wg = sw_ptr + (e * m + offs_n) * d
-        up = ms * d
-    else:  # routed expert e - S: rows of gate_up [E, 2m, d]
-        n_ok = offs_n < m
-        wg = w_ptr + (e - S) * (2 * m) * d + offs_n.to(tl.int64) * d
-        up = m * d
-    return wg, up, n_ok
+    shared = e < S  # a piece of the shared expert: rows e*m.. of shared_gate_up [2ms, d]
+    row = tl.where(shared, e * m, (e - S) * (2 * m)) + offs_n  # else rows of gate_up [E, 2m, d]
+    wg = tl.where(shared, sw_ptr, w_ptr) + row * d
+    n_ok = offs_n < tl.where(shared, tl.minimum(m, ms - e * m), m)
+    return wg, tl.where(shared, ms, m) * d, n_ok
 
 
 @triton.jit
 def _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
     """Virtual expert e, output rows offs_n [BN] of d: (pointers to the start of those rows of
-    its down projection, how many of its m columns exist)."""
+    its down projection, how many of its m columns exist); ``tl.where`` as in _gate_up_rows."""
     e = tl.cast(e, tl.int64)  # e may be a plain int (a loop counter)
-    if e < S:  # a piece of the shared expert: columns e*m.. of shared_down [d, ms]
-        wd = sd_ptr + e * m + offs_n.to(tl.int64) * ms
-        k_end = tl.minimum(m, ms - e * m).to(tl.int32)
-    else:  # routed expert e - S: down [E, d, m]
-        wd = w_ptr + (e - S) * d * m + offs_n.to(tl.int64) * m
-        k_end = m
+    shared = e < S  # a piece of the shared expert: columns e*m.. of shared_down [d, ms]
+    start = tl.where(shared, e * m, (e - S) * d * m)  # else down [E, d, m]
+    wd = tl.where(shared, sd_ptr, w_ptr) + start + offs_n.to(tl.int64) * tl.where(shared, ms, m)
+    k_end = tl.where(shared, tl.minimum(m, ms - e * m), m).to(tl.int32)
     return wd, k_end
 
 
