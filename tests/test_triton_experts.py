@@ -55,6 +55,20 @@ def test_torch_paths_match_loop(impl, T, a):
     assert rel_err(out, oracle(x, idx, w, gu, dn, "silu")) < TOL[x.dtype]
 
 
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_path_with_shared_expert_every_activation(act, dtype):
+    """The CPU decode path: 1 and 2 tokens over 6 experts (most get no token), shared expert in the loop."""
+    for T in (1, 2):
+        x, idx, w, gu, dn = problem(T, 2, 6, d=48, m=24, seed=7 + T)
+        sgu, sd = _shared(24, d=48, seed=7)
+        ref = oracle(x, idx, w, gu, dn, act) + shared_oracle(x, sgu, sd, act)
+        out = experts.run_experts("select", x.to(dtype), idx, w, gu.to(dtype), dn.to(dtype), act,
+                                  shared=(sgu.to(dtype), sd.to(dtype)))
+        assert out.dtype == dtype
+        assert rel_err(out.float(), ref) < TOL[dtype]
+
+
 # ----------------------------------------------------------------------------- Triton paths
 te = pytest.importorskip("cmoe.triton_experts", reason="triton is not installed")
 if DEVICE == "cpu" and not te._INTERPRET:
@@ -196,7 +210,7 @@ def test_shared_expert_beyond_the_fold_limit(monkeypatch):
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("impl", ["loop", "gather", "grouped"])
+@pytest.mark.parametrize("impl", ["loop", "gather", "grouped", "select"])
 def test_torch_paths_add_the_shared_expert(impl):
     x, idx, w, gu, dn = problem(3, 2, 5, d=48, m=24, seed=5)
     sgu, sd = _shared(24, d=48, seed=5)

@@ -63,14 +63,25 @@ def gather_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     return (y * weight[..., None].to(y.dtype)).sum(1)
 
 
+def _glu_mv_(out, x, gate_up, down, w: float, act: str) -> None:
+    """out [d] += w * down @ (act(g) * u), [g; u] = gate_up @ x: one expert, one token, as two
+    matrix-vector products on views of its weights (the fewest ops for a CPU decode step)."""
+    g, u = torch.mv(gate_up, x).chunk(2)
+    out.addmv_(down, activations.apply(act, g) * u, alpha=w)
+
+
 @register("select")
-def select_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
-    """Few tokens on the CPU: multiply by the chosen experts' weights in place (views, no
-    copies); reads the routing on the host, so not for CUDA graphs or torch.compile."""
+def select_experts(x, idx, weight, gate_up, down, act: str, shared_gate_up=None, shared_down=None) -> torch.Tensor:
+    """Few tokens on the CPU: matrix-vector products with the chosen experts' weights in place
+    (views, no copies), the shared expert's (if given) in the same loop; reads the routing on
+    the host, so not for CUDA graphs or torch.compile."""
     out = torch.zeros_like(x)
     for t, (experts, weights) in enumerate(zip(idx.tolist(), weight.tolist())):
+        x_t, out_t = x[t], out[t]
+        if shared_gate_up is not None:
+            _glu_mv_(out_t, x_t, shared_gate_up, shared_down, 1.0, act)
         for e, w in zip(experts, weights):
-            out[t] += (_glu(x[t] @ gate_up[e].T, act) @ down[e].T) * w
+            _glu_mv_(out_t, x_t, gate_up[e], down[e], w, act)
     return out
 
 
@@ -158,12 +169,16 @@ def resolve_impl(impl: str, x, *tensors) -> str:
     return name
 
 
+FUSES_SHARED = {"select", "triton"}  # implementations that take the shared expert's weights too
+
+
 def run_experts(impl: str, x, idx, weight, gate_up, down, act: str, shared=None) -> torch.Tensor:
     """``shared``: (shared_gate_up [2ms, d], shared_down [d, ms]): also add the shared expert
-    (the "triton" implementation computes it in the same kernels, the others with two matmuls)."""
+    (the ``FUSES_SHARED`` implementations compute it in the same kernels or loop, the others
+    with two matmuls)."""
     name = resolve_impl(impl, x, weight, gate_up, down)
     if shared is None:
         return EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act)
-    if name == "triton":
+    if name in FUSES_SHARED:
         return EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act, *shared)
     return EXPERT_IMPLS[name](x, idx, weight, gate_up, down, act) + shared_expert(x, *shared, act)

@@ -176,7 +176,7 @@ class CMoEMLP(nn.Module):
             self.expert_load += expert_counts(idx, self.spec.num_experts)
         if self.keep_router_probs:
             self.last_router_probs = probs
-        if self.spec.shared_size and self._fusable_shared():  # the Triton path runs it in the same kernels
+        if self.spec.shared_size and self._fusable_shared():  # run in the same kernels (triton) or loop (select)
             out = self.experts(x, idx, weight, self.spec.act, impl, (self.shared_gate_up.weight, self.shared_down.weight))
         else:
             out = self.experts(x, idx, weight, self.spec.act, impl)
