@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 32, 128, 256, 2048, 16384])
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--sweep", action="store_true", help="time tile configurations of the Triton kernels")
+    p.add_argument("--no-grouped-sweep", dest="grouped_sweep", action="store_false",
+                   help="with --sweep: time only the grouped configuration in use, not every candidate")
     args = p.parse_args(argv)
     if args.sweep:
         return sweep(args)
@@ -167,7 +169,9 @@ def main(argv=None) -> int:
 
 
 GEMV_CANDIDATES = [(8, 512, 4), (4, 1024, 4), (2, 1024, 4), (4, 512, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8)]
-FEW_CANDIDATES = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4), (32, 64, 4, 4)]
+FEW_CANDIDATES = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4), (32, 64, 4, 4),
+                  (32, 128, 8, 3), (64, 64, 8, 3)]
+FEW_SWEEP_MAX_TOKENS = 128  # the few-token path is tried up to this many tokens (it serves up to te.FEW_MAX_TOKENS)
 GROUPED_CANDIDATES = [
     dict(bt=32, gate_up=(32, 256, 4, 3), down=(64, 256, 4, 3)),
     dict(bt=32, gate_up=(64, 256, 8, 3), down=(64, 256, 8, 3)),
@@ -221,10 +225,11 @@ def sweep(args) -> int:
                 if T * s.top_k <= 32:
                     tries += [("gemv", te._gemv_experts, {"gate_up": gu, "down": dn}) for gu in GEMV_CANDIDATES
                               for dn in GEMV_CANDIDATES if gu == dn or dn in GEMV_CANDIDATES[:3]]
-                if T <= te.FEW_MAX_TOKENS:
+                if T <= FEW_SWEEP_MAX_TOKENS:
                     tries += [("few", te._few_experts, {"gate_up": gu, "down": dn}) for gu in FEW_CANDIDATES
                               for dn in FEW_CANDIDATES if gu == dn or dn == FEW_CANDIDATES[1]]
-                tries += [("grouped", te._grouped_experts, cfg) for cfg in GROUPED_CANDIDATES]
+                grouped = GROUPED_CANDIDATES if args.grouped_sweep else [te.grouped_config(T * s.top_k)]
+                tries += [("grouped", te._grouped_experts, cfg) for cfg in grouped]
                 res = []
                 for kind, fn, cfg in tries:
 
