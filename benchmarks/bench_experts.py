@@ -250,7 +250,13 @@ def sweep(args) -> int:
                 print(f"{preset} T={T} touched={touched} shared folded={fold} ({mb:.0f} MB) router {t_r:.1f} us; best:")
                 for t, kind, cfg in res[:4]:
                     print(f"   {t:7.1f} us {mb / t * 1e-3 * 1e3:6.2f} TB/s  {kind} {cfg}")
-                cur = [r for r in res if r[2] in (te.GEMV_CONFIG, te.FEW_CONFIG, te.grouped_config(T * s.top_k))]
+                if T * s.top_k <= te.GEMV_MAX_PAIRS:  # the path and tiles that triton_experts_op uses for T
+                    used = ("gemv", te.GEMV_CONFIG)
+                elif T <= te.FEW_MAX_TOKENS:
+                    used = ("few", te.FEW_CONFIG)
+                else:
+                    used = ("grouped", te.grouped_config(T * s.top_k))
+                cur = [r for r in res if (r[1], r[2]) == used]
                 if not cur:
                     print("   current config not among the candidates")
                 for t, kind, cfg in cur:
