@@ -266,7 +266,7 @@ def _gemv_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = No
 
 
 # ----------------------------------------------------------------------------- few-token path
-# Small batches (decode at batch 2-64): every token's x is multiplied by each *used* expert's
+# Small batches (decode, up to FEW_MAX_TOKENS tokens): every token's x is multiplied by each *used* expert's
 # weights, read once; tokens that did not choose the expert get weight 0 in the down kernel.
 # No sort, no padding tiles; one program per (block of m, expert slot) and per block of d.
 @triton.jit
