@@ -21,7 +21,8 @@ from cmoe.bench import _median_time
 SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
 
 
-def graph_ms(fn, iters: int = 5, reps: int = 7) -> float:
+def capture(fn, iters: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``iters`` calls of ``fn`` (after two warm-up calls on a side stream)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -34,6 +35,11 @@ def graph_ms(fn, iters: int = 5, reps: int = 7) -> float:
             fn()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def graph_ms(fn, iters: int = 5, reps: int = 7) -> float:
+    g = capture(fn, iters)
     ts = []
     for _ in range(reps):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -77,7 +83,15 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time tile configurations of the Triton kernels")
     p.add_argument("--no-grouped-sweep", dest="grouped_sweep", action="store_false",
                    help="with --sweep: time only the grouped configuration in use, not every candidate")
+    p.add_argument("--fold-max-tokens", type=int, default=None,
+                   help="fold the shared expert into the expert kernels up to this many tokens (default: the op's setting)")
+    p.add_argument("--kernels", action="store_true",
+                   help="also profile the dense and the MoE layers' CUDA graphs: time per kernel")
     args = p.parse_args(argv)
+    if args.fold_max_tokens is not None:
+        from cmoe import triton_experts as te
+
+        te.SHARED_FOLD_MAX_TOKENS = args.fold_max_tokens
     if args.sweep:
         return sweep(args)
 
@@ -117,7 +131,7 @@ def main(argv=None) -> int:
                     ref = experts.loop_experts(x.float(), idx, w, lay.experts.gate_up_proj.float(), lay.experts.down_proj.float(), "silu")
                     out = te.triton_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu")
                     err = ((out.float() - ref).norm() / ref.norm()).item()
-                    out = te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu")
+                    out = te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu").sum(1)
                     err = max(err, ((out.float() - ref).norm() / ref.norm()).item())
                     if T * s.top_k <= 64:
                         out = te._gemv_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu")
@@ -144,7 +158,7 @@ def main(argv=None) -> int:
                     comp(lambda lay: te._gemv_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu"))
                     if T * s.top_k <= 64 else float("nan")
                 )
-                t_grp = comp(lambda lay: te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu"))
+                t_grp = comp(lambda lay: te._grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu").sum(1))
                 t_sh = comp(lambda lay: lay.shared(x))
                 t_tg = float("nan")
                 if T >= 256:
@@ -152,6 +166,11 @@ def main(argv=None) -> int:
                         event_ms(lambda lay=lay: experts.grouped_experts(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu"))
                         for lay in layers
                     ) / args.copies * 1e3
+                if args.kernels:
+                    from cmoe.bench import profile_kernels
+
+                    for label, fn in (("dense", dense_fn(x)), (preset, moe_run)):
+                        profile_kernels(capture(fn).replay, 5, print, f"{label} T={T} ({args.copies} layers)", top=12)
             # bytes limit: weights touched (activations ignored)
             b_dense = 3 * d * f * 2
             b_moe = (3 * d * s.shared_size + touched * 3 * d * s.expert_size + 2 * s.num_experts * d) * 2
@@ -190,6 +209,13 @@ GROUPED_CANDIDATES = [
     dict(bt=128, gate_up=(256, 64, 8, 3), down=(256, 64, 8, 3)),
     dict(bt=64, gate_up=(128, 64, 4, 4), down=(256, 64, 8, 4)),
     dict(bt=256, gate_up=(64, 64, 8, 3), down=(128, 64, 8, 3)),
+    # deeper pipelines for the weight-streaming (decode) sizes
+    dict(bt=16, gate_up=(64, 128, 4, 6), down=(64, 128, 4, 6)),
+    dict(bt=16, gate_up=(128, 64, 4, 6), down=(128, 64, 4, 6)),
+    dict(bt=32, gate_up=(64, 128, 4, 5), down=(128, 128, 4, 4)),
+    dict(bt=64, gate_up=(64, 64, 4, 6), down=(128, 64, 4, 6)),
+    dict(bt=64, gate_up=(64, 128, 4, 4), down=(128, 64, 4, 6)),
+    dict(bt=16, gate_up=(32, 256, 4, 4), down=(64, 256, 4, 4)),
 ]
 
 
@@ -205,13 +231,14 @@ def sweep(args) -> int:
             x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 idx, w, _ = te.fused_route(layers[0].router, x)
-                fold = T <= te.SHARED_FOLD_MAX_TOKENS  # the shared expert inside the kernels, as in the op
+                path, S = te._plan(T, s.top_k, s.shared_size, s.expert_size)  # what triton_experts_op runs for T
+                fold = S > 0  # the shared expert inside the kernels, in S pieces
 
                 def sh(lay):
                     return (lay.shared_gate_up.weight, lay.shared_down.weight) if fold else None
 
                 ref = te._grouped_experts(x, idx, w, layers[0].experts.gate_up_proj, layers[0].experts.down_proj, "silu",
-                                          shared=sh(layers[0]))
+                                          shared=sh(layers[0])).sum(1)
 
                 def t_of(fn):
                     def run():
@@ -228,13 +255,14 @@ def sweep(args) -> int:
                 if T <= FEW_SWEEP_MAX_TOKENS:
                     tries += [("few", te._few_experts, {"gate_up": gu, "down": dn}) for gu in FEW_CANDIDATES
                               for dn in FEW_CANDIDATES if gu == dn or dn == FEW_CANDIDATES[1]]
-                grouped = GROUPED_CANDIDATES if args.grouped_sweep else [te.grouped_config(T * s.top_k)]
+                grouped = GROUPED_CANDIDATES if args.grouped_sweep else [te.grouped_config(T * (S + s.top_k))]
                 tries += [("grouped", te._grouped_experts, cfg) for cfg in grouped]
                 res = []
                 for kind, fn, cfg in tries:
 
                     def call(lay, fn=fn, cfg=cfg):
-                        return fn(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg, sh(lay))
+                        y = fn(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg, sh(lay))
+                        return y.sum(1) if y.dim() == 3 else y  # the grouped path: one output per (token, slot)
 
                     try:  # every candidate is checked against the reference before it is timed
                         out = call(layers[0])
@@ -250,12 +278,7 @@ def sweep(args) -> int:
                 print(f"{preset} T={T} touched={touched} shared folded={fold} ({mb:.0f} MB) router {t_r:.1f} us; best:")
                 for t, kind, cfg in res[:4]:
                     print(f"   {t:7.1f} us {mb / t * 1e-3 * 1e3:6.2f} TB/s  {kind} {cfg}")
-                if T * s.top_k <= te.GEMV_MAX_PAIRS:  # the path and tiles that triton_experts_op uses for T
-                    used = ("gemv", te.GEMV_CONFIG)
-                elif T <= te.FEW_MAX_TOKENS:
-                    used = ("few", te.FEW_CONFIG)
-                else:
-                    used = ("grouped", te.grouped_config(T * s.top_k))
+                used = (path, {"gemv": te.GEMV_CONFIG, "few": te.FEW_CONFIG}.get(path) or te.grouped_config(T * (S + s.top_k)))
                 cur = [r for r in res if (r[1], r[2]) == used]
                 if not cur:
                     print("   current config not among the candidates")

@@ -84,12 +84,12 @@ def _run(path, x, idx, w, gu, dn, act):
     if path == "few":
         return te._few_experts(x, idx, w, gu, dn, act)
     if path == "grouped":
-        return te._grouped_experts(x, idx, w, gu, dn, act)
+        return te._grouped_experts(x, idx, w, gu, dn, act).sum(1)  # one output per (token, slot)
     if path == "grouped-sorted":  # the torch-ops alignment used for very many pairs
         old = te.ALIGN_KERNEL_MAX_PAIRS
         te.ALIGN_KERNEL_MAX_PAIRS = 0
         try:
-            return te._grouped_experts(x, idx, w, gu, dn, act)
+            return te._grouped_experts(x, idx, w, gu, dn, act).sum(1)
         finally:
             te.ALIGN_KERNEL_MAX_PAIRS = old
     return experts.run_experts("triton", x, idx, w, gu, dn, act)  # the registered op
@@ -195,6 +195,9 @@ def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype):
     else:
         fn = {"gemv": te._gemv_experts, "few": te._few_experts, "grouped": te._grouped_experts}[path]
         out = fn(x, idx, w, gu, dn, act, shared=(sgu, sd))
+        if path == "grouped":
+            assert out.shape == (T, -(-ms // 20) + a, x.shape[1])  # one output per (token, slot): S pieces + a
+            out = out.sum(1)
     ref = oracle(x, idx, w, gu, dn, act) + shared_oracle(x, sgu, sd, act)
     assert out.dtype == x.dtype
     assert rel_err(out, ref) < TOL[dtype]
@@ -218,29 +221,35 @@ def test_torch_paths_add_the_shared_expert(impl):
     assert rel_err(out, oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("T,a,E,bt", [(1, 1, 3, 16), (17, 3, 6, 16), (129, 2, 8, 64)])
+@pytest.mark.parametrize("T,a,E,bt", [(1, 1, 3, 16), (17, 3, 6, 16), (129, 2, 8, 64), (300, 2, 40, 16)])
+@pytest.mark.parametrize("shared", [0, 2])
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
-def test_align_covers_every_pair_once(T, a, E, bt, kernel):
+def test_align_covers_every_pair_once(T, a, E, bt, shared, kernel):
     _, idx, *_ = problem(T, a, E)
     old = te.ALIGN_KERNEL_MAX_PAIRS
     te.ALIGN_KERNEL_MAX_PAIRS = 1 << 30 if kernel else 0
     try:
-        sorted_ids, tile_expert = te.align(idx, E, bt)
+        sorted_ids, tile_expert = te.align(idx, E, bt, shared)
     finally:
         te.ALIGN_KERNEL_MAX_PAIRS = old
-    P = T * a
-    max_tiles = -(-P // bt) + E
+    P = T * (shared + a)
+    max_tiles = -(-P // bt) + shared + E
     assert sorted_ids.shape == (max_tiles * bt,) and tile_expert.shape == (max_tiles,)  # static shapes
     te_ = tile_expert.cpu()
     used = te_ >= 0
     assert used[: int(used.sum())].all()  # used tiles first, then -1
+    assert (te_[used].diff() >= 0).all()  # one run of tiles per expert, in expert order
     ids = sorted_ids.cpu().view(max_tiles, bt)[used]  # slots of unused tiles are never read
     real = ids[ids < P]
     assert torch.equal(real.sort().values, torch.arange(P, dtype=real.dtype))  # every pair once
     assert (ids <= P).all()  # pair index or the padding sentinel P
-    flat = idx.reshape(-1).cpu()
+    pieces = torch.arange(shared).expand(T, shared)
+    virtual = torch.cat([pieces, idx.cpu() + shared], dim=1).reshape(-1)  # each pair's virtual expert
     for row, e in zip(ids, te_[used]):
-        assert (flat[row[row < P].long()] == e).all()  # a tile holds one expert's pairs
+        pairs = row[row < P].long()
+        assert len(pairs) and (virtual[pairs] == e).all()  # a tile holds one expert's pairs
+        assert (pairs.diff() > 0).all()  # in pair order (stable)
+        assert (row[len(pairs):] == P).all()  # padding only at the end
 
 
 # ----------------------------------------------------------------------------- fused router
@@ -292,13 +301,25 @@ def test_cmoe_mlp_triton_matches_reference(T, shared, router):
         torch.testing.assert_close(mod(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)
 
 
-def test_cmoe_mlp_compiles_fullgraph():
+@pytest.mark.parametrize("B,T", [(1, 3), (2, 17)], ids=["few", "grouped"])
+def test_cmoe_mlp_compiles_fullgraph(B, T):
     mod = _moe()
-    x = torch.randn(1, 3, 36).to(DEVICE)
+    x = torch.randn(B, T, 36).to(DEVICE)
     torch._dynamo.reset()
     with torch.no_grad():
         f = torch.compile(mod, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
         torch.testing.assert_close(f(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T,a,ms", [(1, 2, 20), (5, 2, 0), (17, 2, 30), (70, 2, 20), (3, 0, 20)])
+def test_op_fake_matches_real(T, a, ms):
+    """The op's fake (meta) implementation, which torch.compile traces, gives the real output's
+    shape (one output per (token, slot) on the grouped path) and dtype."""
+    x, idx, w, gu, dn = problem(T, max(a, 1), 5, d=36, m=20, seed=T)
+    idx, w = idx[:, :a], w[:, :a]
+    sgu, sd = _shared(ms, seed=T)
+    torch.library.opcheck(te.triton_experts_op, (x, idx, w, gu, dn, "silu", sgu, sd),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_grad_falls_back_to_torch():

@@ -59,8 +59,10 @@ def cases():
                        dict(A=3, S=S, ACT=0, BT=bt, BN=bn, BK=bk, GROUP=8, **upcast_ieee))
                 bn, bk, _, _ = cfg["down"]
                 yield (f"grouped_down {dt} S={S} bt={bt}", te._grouped_down, ptrs,
-                       dict(S=S, BT=bt, BN=bn, BK=bk, GROUP=8, **upcast_ieee))
-        yield (f"align {dt}", te._align_kernel, {"x": "*i32", "idx_ptr": "*i64"}, dict(BT=64, CHUNK=1024))
+                       dict(A=3, S=S, BT=bt, BN=bn, BK=bk, GROUP=8, **upcast_ieee))
+    for S in (0, 3):
+        yield (f"align S={S}", te._align_kernel, {"x": "*i32", "idx_ptr": "*i64"},
+               dict(A=3, S=S, BT=64, CHUNK=512, EB=16, TB=512))
     for xdt, wdt in (("*bf16", "*bf16"), ("*bf16", "*fp32"), ("*fp32", "*fp32")):
         ieee = wdt == "*fp32" or xdt == "*fp32"
         rptrs = {"x": wdt, "x_ptr": xdt, "bias_ptr": "*fp32", "scale_ptr": "*fp32", "idx_ptr": "*i64",

@@ -275,10 +275,7 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
         if getattr(args, "profile", False):
             ids = torch.randint(0, model.config.vocab_size, (b, s), device="cuda")
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                torch.cuda.synchronize()
-            log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+            profile_kernels(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 2, log, f"prefill {b}x{s} (eager)")
         t, how = time_prefill(model, b, s)
         cost = step_cost(model, b, s, s, None)
         rows.append(Row(name, config, "prefill", b, s, t, cost, extra={"timing": how}))
@@ -303,42 +300,50 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
 
 
 @torch.no_grad()
-def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int = 8) -> None:
-    """Where one compiled decode step's time goes: wall time per step (host loop included),
-    GPU busy time per step, and the kernels that take it (torch.profiler over ``n`` steps)."""
+def profile_kernels(run, n: int, log, label: str, top: int = 16) -> None:
+    """Call ``run()`` ``n`` times under torch.profiler and log, per call: wall time (host
+    included), GPU busy time (sum of kernel times), GPU span, and the ``top`` kernels by time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cmoe.generation import _cache_kwarg, _forward_logits, compiled_decode_step, get_static_cache
-
-    kw = _cache_kwarg(model)
-    cache = get_static_cache(model, batch, prompt_len + steps + 1)  # the size time_generation compiled for
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
-    tok = _forward_logits(model, ids, torch.arange(prompt_len, device="cuda")[None], cache, kw).argmax(-1)[:, None]
-    pos = torch.full((1, 1), prompt_len, dtype=torch.long, device="cuda")
-    step = compiled_decode_step()
-    for _ in range(2):
-        tok = step(model, cache, kw, tok.clone(), pos.clone(), False, 1.0, None, None)
-        pos += 1
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(n):
-            tok = step(model, cache, kw, tok.clone(), pos.clone(), False, 1.0, None, None)
-            pos += 1
+            run()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / n
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time for e in kernels) / n / 1e6  # device_time in us
-    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / n / 1e6 if kernels else 0.0
-    log(f"  profile decode b={batch}: wall {wall * 1e3:.3f} ms/step (profiler on), GPU busy {busy * 1e3:.3f} ms/step, "
-        f"GPU span {span * 1e3:.3f} ms/step, {len(kernels) / n:.0f} kernels/step")
+    busy = sum(e.device_time for e in kernels) / n  # device_time in us
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / n if kernels else 0.0
+    log(f"  profile {label}: wall {wall * 1e6:.1f} us (profiler on), GPU busy {busy:.1f} us, "
+        f"GPU span {span:.1f} us, {len(kernels) / n:.0f} kernels")
     totals: dict[str, list] = {}
     for e in kernels:
         t = totals.setdefault(e.name[:90], [0.0, 0])
         t[0] += e.device_time / n
         t[1] += 1
-    for name, (us, cnt) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:16]:
-        log(f"    {us:8.1f} us/step  {cnt / n:4.0f}x  {name}")
+    for name, (us, cnt) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        log(f"    {us:8.1f} us  {cnt / n:4.0f}x  {name}")
+
+
+def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int = 8) -> None:
+    """Where one compiled decode step's time goes (``profile_kernels`` over ``n`` steps)."""
+    from cmoe.generation import _cache_kwarg, _forward_logits, compiled_decode_step, get_static_cache
+
+    kw = _cache_kwarg(model)
+    cache = get_static_cache(model, batch, prompt_len + steps + 1)  # the size time_generation compiled for
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    state = {"tok": _forward_logits(model, ids, torch.arange(prompt_len, device="cuda")[None], cache, kw).argmax(-1)[:, None],
+             "pos": torch.full((1, 1), prompt_len, dtype=torch.long, device="cuda")}
+    step = compiled_decode_step()
+
+    def one_step():
+        state["tok"] = step(model, cache, kw, state["tok"].clone(), state["pos"].clone(), False, 1.0, None, None)
+        state["pos"] += 1
+
+    for _ in range(2):
+        one_step()
+    profile_kernels(one_step, n, log, f"decode b={batch} (per step)")
     model.__dict__.pop("_cmoe_static_caches", None)
 
 

@@ -361,54 +361,81 @@ def _few_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = Non
 
 # ----------------------------------------------------------------------------- alignment
 @triton.jit
+def _pair_experts(idx_ptr, p, ok, A: tl.constexpr, S: tl.constexpr):
+    """Virtual expert of each pair p (slot p % (S + A) of token p // (S + A)): slots 0..S-1 are the
+    shared pieces 0..S-1, slot S + k the routed expert idx[t, k] + S."""
+    slot = p % (S + A)
+    routed = tl.load(idx_ptr + (p // (S + A)) * A + slot - S, mask=ok & (slot >= S), other=0)
+    return tl.where(slot < S, slot, routed + S).to(tl.int32)
+
+
+@triton.jit
 def _align_kernel(
-    idx_ptr, sorted_ptr, tile_expert_ptr,  # idx [P]; sorted [max_tiles * BT]; tile_expert [max_tiles]
-    P, E, max_tiles,
-    BT: tl.constexpr, CHUNK: tl.constexpr,
+    idx_ptr, sorted_ptr, tile_expert_ptr,  # idx [T, A] (routed); sorted [max_tiles * BT]; tile_expert [max_tiles]
+    P, NE, max_tiles,
+    A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr, TB: tl.constexpr,
 ):
-    """One program: pairs grouped by expert (stable), each group padded to a multiple of BT
-    with the sentinel P; tile_expert[i] = expert of tile i, -1 past the last tile."""
-    tile_off = 0
-    for e in range(E):
-        cnt = 0
-        for start in range(0, P, CHUNK):
-            offs = start + tl.arange(0, CHUNK)
-            v = tl.load(idx_ptr + offs, mask=offs < P, other=-1)
-            hit = (v == e).to(tl.int32)
-            rank = tl.cumsum(hit, 0) - 1 + cnt
-            tl.store(sorted_ptr + tile_off * BT + rank, offs, mask=hit > 0)
-            cnt += tl.sum(hit, 0)
-        ntiles = (cnt + BT - 1) // BT
-        pad = cnt + tl.arange(0, BT)
-        tl.store(sorted_ptr + tile_off * BT + pad, P + tl.zeros((BT,), tl.int32), mask=pad < ntiles * BT)
-        for t0 in range(0, ntiles, CHUNK):
-            tt = t0 + tl.arange(0, CHUNK)
-            tl.store(tile_expert_ptr + tile_off + tt, e + tl.zeros((CHUNK,), tl.int32), mask=tt < ntiles)
-        tile_off += ntiles
-    for t0 in range(tile_off, max_tiles, CHUNK):
-        tt = t0 + tl.arange(0, CHUNK)
-        tl.store(tile_expert_ptr + tt, tl.full((CHUNK,), -1, tl.int32), mask=tt < max_tiles)
+    """One program: pairs grouped by virtual expert (stable), each group padded to a multiple of BT
+    with the sentinel P; tile_expert[i] = virtual expert of tile i, -1 past the last tile. Every
+    step works on all experts at once ([CHUNK, EB] blocks), so its time does not grow with E."""
+    offs_e = tl.arange(0, EB)
+    counts = tl.zeros((EB,), tl.int32)
+    for start in range(0, P, CHUNK):  # pass 1: pairs per expert
+        p = start + tl.arange(0, CHUNK)
+        ok = p < P
+        hit = (_pair_experts(idx_ptr, p, ok, A, S)[:, None] == offs_e[None, :]) & ok[:, None]
+        counts += tl.sum(hit.to(tl.int32), 0)
+    ntiles = (counts + BT - 1) // BT
+    tile_end = tl.cumsum(ntiles, 0)
+    first = (tile_end - ntiles) * BT  # first row of each expert's tiles
+    seen = tl.zeros((EB,), tl.int32)
+    for start in range(0, P, CHUNK):  # pass 2: each pair's row = first row of its expert + its rank
+        p = start + tl.arange(0, CHUNK)
+        ok = p < P
+        hit = ((_pair_experts(idx_ptr, p, ok, A, S)[:, None] == offs_e[None, :]) & ok[:, None]).to(tl.int32)
+        rank = tl.cumsum(hit, 0) - 1 + seen[None, :] + first[None, :]
+        tl.store(sorted_ptr + tl.sum(hit * rank, 1), p, mask=ok)
+        seen += tl.sum(hit, 0)
+    pad = tl.arange(0, BT)  # the padding rows of each expert's last tile
+    tl.store(sorted_ptr + (first + counts)[:, None] + pad[None, :], P + tl.zeros((EB, BT), tl.int32),
+             mask=pad[None, :] < (ntiles * BT - counts)[:, None])
+    for t0 in range(0, max_tiles, TB):
+        tt = t0 + tl.arange(0, TB)
+        e = tl.sum((tile_end[None, :] <= tt[:, None]).to(tl.int32), 1)  # experts whose tiles end before tt
+        tl.store(tile_expert_ptr + tt, tl.where(e < NE, e, -1), mask=tt < max_tiles)
 
 
-def align(idx: torch.Tensor, num_experts: int, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (flattened ``idx``) grouped by expert and padded to tiles of ``bt`` rows.
+def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, slot) pairs grouped by expert and padded to tiles of ``bt`` rows.
+
+    With ``shared`` = S > 0 every token also has S shared pieces: pair p is slot p % (S + a) of
+    token p // (S + a), slots 0..S-1 go to virtual experts 0..S-1 and slot S + k to
+    ``idx[t, k] + S`` (the routed experts are numbered after the pieces).
 
     Returns ``sorted_ids [max_tiles * bt] int32`` (pair index, or P for padding) and
-    ``tile_expert [max_tiles] int32`` (-1 for unused tiles); ``max_tiles = ceil(P / bt) + E``
-    bounds the tiles any routing can need, so shapes do not depend on the routing.
+    ``tile_expert [max_tiles] int32`` (virtual expert, -1 for unused tiles);
+    ``max_tiles = ceil(P / bt) + S + E`` bounds the tiles any routing can need, so shapes do not
+    depend on the routing.
     """
-    flat = idx.reshape(-1)
-    P, E = flat.numel(), num_experts
-    max_tiles = triton.cdiv(P, bt) + E
+    T, a = idx.shape
+    NE, P = shared + num_experts, T * (shared + a)
+    max_tiles = triton.cdiv(P, bt) + NE
     if P <= ALIGN_KERNEL_MAX_PAIRS:
         sorted_ids = torch.empty(max_tiles * bt, device=idx.device, dtype=torch.int32)
         tile_expert = torch.empty(max_tiles, device=idx.device, dtype=torch.int32)
-        _align_kernel[(1,)](flat, sorted_ids, tile_expert, P, E, max_tiles, BT=bt, CHUNK=1024, num_warps=8)
+        eb = max(16, triton.next_power_of_2(NE))
+        chunk = max(16, min(triton.next_power_of_2(P), 8192 // eb))
+        _align_kernel[(1,)](idx, sorted_ids, tile_expert, P, NE, max_tiles, A=a, S=shared, BT=bt, CHUNK=chunk, EB=eb,
+                            TB=max(16, min(triton.next_power_of_2(max_tiles), 8192 // eb)), num_warps=4)
         return sorted_ids, tile_expert
     # many pairs: parallel torch ops, still static shapes and no host sync
-    counts = torch.zeros(E, device=idx.device, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+    flat = idx + shared
+    if shared:
+        flat = torch.cat([torch.arange(shared, device=idx.device, dtype=idx.dtype).expand(T, shared), flat], dim=1)
+    flat = flat.reshape(-1)
+    counts = torch.zeros(NE, device=idx.device, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
     ntiles = (counts + bt - 1) // bt
-    tile_end = ntiles.cumsum(0)  # [E]
+    tile_end = ntiles.cumsum(0)  # [NE]
     order = flat.argsort(stable=True)  # [P]
     se = flat[order]
     rank = torch.arange(P, device=idx.device) - (counts.cumsum(0) - counts)[se]
@@ -417,7 +444,7 @@ def align(idx: torch.Tensor, num_experts: int, bt: int) -> tuple[torch.Tensor, t
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     tiles = torch.arange(max_tiles, device=idx.device)
     tile_expert = torch.searchsorted(tile_end, tiles, right=True)
-    tile_expert = torch.where(tile_expert < E, tile_expert, -1).to(torch.int32)
+    tile_expert = torch.where(tile_expert < NE, tile_expert, -1).to(torch.int32)
     return sorted_ids, tile_expert
 
 
@@ -454,9 +481,10 @@ def _grouped_gate_up(
 
 @triton.jit
 def _grouped_down(
-    h_ptr, w_ptr, sd_ptr, wt_ptr, y_ptr, sorted_ptr, tile_expert_ptr,  # h [max_tiles*BT, m]; down [E, d, m]; shared_down [d, ms]; wt [P]; y [P, d]
+    h_ptr, w_ptr, sd_ptr, wt_ptr, y_ptr, sorted_ptr, tile_expert_ptr,  # h [max_tiles*BT, m]; down [E, d, m]; shared_down [d, ms]; wt [T, A]; y [P, d]
     P, d, m, ms, num_tiles,
-    S: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(d, BN)
@@ -477,12 +505,13 @@ def _grouped_down(
     wd, k_end = _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S)
     h_rows = h_ptr + rows.to(tl.int64) * m
     acc = _down_block(tl.zeros((BT, BN), tl.float32), h_rows, valid, wd, n_ok, m, k_end, BK, UPCAST, IEEE, "")
-    rw = tl.load(wt_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+    slot = pair % (S + A)  # the shared pieces have weight 1, routed slot S + k the weight wt[t, k]
+    rw = tl.load(wt_ptr + (pair // (S + A)) * A + slot - S, mask=valid & (slot >= S), other=1.0).to(tl.float32)
     acc = acc * rw[:, None]
     tl.store(y_ptr + pair[:, None].to(tl.int64) * d + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
-# tile shapes of the grouped path, by number of (token, expert) pairs: BT rows per tile, then
+# tile shapes of the grouped path, by number of (token, slot) pairs, shared pieces included: BT rows per tile, then
 # (BN, BK, num_warps, num_stages) of gate_up and of down (H200 sweep, benchmarks/bench_experts.py)
 GROUPED_CONFIGS = [
     (512, dict(bt=64, gate_up=(64, 64, 4, 4), down=(128, 64, 4, 4))),  # decode
@@ -499,22 +528,18 @@ def grouped_config(pairs: int) -> dict:
 
 
 def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None, shared=None) -> torch.Tensor:
-    """``shared``: None or (shared_gate_up [2ms, d], shared_down [d, ms]), added to the output
-    (its pieces become S extra experts that every token selects with weight 1)."""
+    """[T, S + a, d]: each (token, slot) pair's weighted expert output, to be summed over the
+    slots. ``shared``: None or (shared_gate_up [2ms, d], shared_down [d, ms]); its pieces become
+    S extra experts that every token selects with weight 1, in slots 0..S-1."""
     T, a = idx.shape
     d = x.shape[1]
     E, m = down.shape[0], down.shape[2]
     ms, S = _shared_pieces(shared, m)
     sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
-    if S:
-        pieces = torch.arange(S, device=idx.device, dtype=idx.dtype).expand(T, S)
-        idx = torch.cat([pieces, idx + S], dim=1)  # [T, S + a]
-        weight = torch.cat([weight.new_ones(T, S), weight], dim=1)
-    A = S + a
-    P = T * A
-    cfg = cfg or grouped_config(T * a)
+    P = T * (S + a)
+    cfg = cfg or grouped_config(P)
     bt = cfg["bt"]
-    sorted_ids, tile_expert = align(idx, S + E, bt)
+    sorted_ids, tile_expert = align(idx, E, bt, S)
     num_tiles = tile_expert.numel()
     h = torch.empty(num_tiles * bt, m, device=x.device, dtype=x.dtype)
     upcast = _INTERPRET and x.dtype != torch.float32
@@ -531,12 +556,10 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
     bn, bk, nw, ns = cfg["down"]
     grid = (num_tiles * triton.cdiv(d, bn),)
     _grouped_down[grid](
-        h, down, sd, weight.reshape(-1), y, sorted_ids, tile_expert, P, d, m, ms, num_tiles,
-        S=S, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
+        h, down, sd, weight, y, sorted_ids, tile_expert, P, d, m, ms, num_tiles,
+        A=a, S=S, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
-    if A == 1:
-        return y
-    return y.view(T, A, d).sum(1, dtype=torch.float32).to(x.dtype) if x.dtype != torch.float32 else y.view(T, A, d).sum(1)
+    return y.view(T, S + a, d)  # the output of each slot: the caller sums them
 
 
 # ----------------------------------------------------------------------------- fused router
@@ -709,7 +732,23 @@ def _check(x, idx, weight, gate_up, down, act):
         raise ValueError(f"activation {act!r} not supported by the Triton kernels; supported: {sorted(_ACT_CODE)}")
 
 
-SHARED_FOLD_MAX_TOKENS = 64  # up to this many tokens the shared expert runs inside the expert kernels (H200 sweep)
+SHARED_FOLD_MAX_TOKENS = 256  # up to this many tokens the shared expert runs inside the expert kernels (H200 sweep)
+
+
+def _plan(T: int, a: int, ms: int, m: int) -> tuple[str, int]:
+    """(path, S) for T tokens, top-a routing and a shared expert of width ms (0: none): the
+    kernels that run, and how many m-wide shared pieces they fold in (0: cuBLAS runs the shared
+    expert, or there is none)."""
+    S = triton.cdiv(ms, m) if a > 0 and T <= SHARED_FOLD_MAX_TOKENS else 0
+    if T * a <= GEMV_MAX_PAIRS:
+        return "gemv", S
+    return ("few" if T <= FEW_MAX_TOKENS else "grouped"), S
+
+
+def _slots(T: int, a: int, ms: int, m: int) -> int:
+    """The op's middle dimension: the grouped path returns one output per (token, slot), the others one per token."""
+    path, S = _plan(T, a, ms, m)
+    return S + a if path == "grouped" and T > 0 and S + a > 0 else 1
 
 
 @torch.library.custom_op("cmoe::triton_experts", mutates_args=())
@@ -717,32 +756,39 @@ def triton_experts_op(
     x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: str,
     shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed experts, plus the shared expert when its weights are given."""
+    """Routed experts, plus the shared expert when its weights are given: [T, K, d], whose sum
+    over K is the FFN output. The grouped path returns each slot's output (K = S + a) and leaves
+    the sum to the caller, so that a compiled model fuses it into the next kernel."""
     _check(x, idx, weight, gate_up, down, act)
     T, a = idx.shape
-    has_shared = shared_down is not None and shared_down.shape[1] > 0
-    if T == 0 or (a == 0 and not has_shared):
-        return torch.zeros_like(x)
+    m = down.shape[2]
+    ms = 0 if shared_down is None else shared_down.shape[1]
+    if T == 0 or (a == 0 and ms == 0):
+        return x.new_zeros(T, 1, x.shape[1])
+    path, S = _plan(T, a, ms, m)
     x, idx, weight = x.contiguous(), idx.contiguous(), weight.contiguous().float()
     gate_up, down = gate_up.contiguous(), down.contiguous()
-    shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if has_shared else None
-    extra = None
-    if shared is not None and (T > SHARED_FOLD_MAX_TOKENS or a == 0):  # prefill: cuBLAS does the dense part best
-        extra, shared = shared_expert(x, *shared, act), None
+    shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if ms else None
+    extra = shared_expert(x, *shared, act) if ms and not S else None  # prefill: cuBLAS does the dense part best
     if a == 0:
-        return extra
-    if T * a <= GEMV_MAX_PAIRS:
-        out = _gemv_experts(x, idx, weight, gate_up, down, act, shared=shared)
-    elif T <= FEW_MAX_TOKENS:
-        out = _few_experts(x, idx, weight, gate_up, down, act, shared=shared)
+        return extra[:, None]
+    fold = shared if S else None
+    if path == "gemv":
+        out = _gemv_experts(x, idx, weight, gate_up, down, act, shared=fold)[:, None]
+    elif path == "few":
+        out = _few_experts(x, idx, weight, gate_up, down, act, shared=fold)[:, None]
     else:
-        out = _grouped_experts(x, idx, weight, gate_up, down, act, shared=shared)
-    return out if extra is None else out + extra
+        out = _grouped_experts(x, idx, weight, gate_up, down, act, shared=fold)
+    if extra is not None:
+        out[:, 0] += extra
+    return out
 
 
 @triton_experts_op.register_fake
 def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None):
-    return torch.empty_like(x)
+    T, a = idx.shape
+    ms = 0 if shared_down is None else shared_down.shape[1]
+    return x.new_empty(T, _slots(T, a, ms, down.shape[2]), x.shape[1])
 
 
 @register("triton")
@@ -750,6 +796,5 @@ def triton_experts(x, idx, weight, gate_up, down, act: str, shared_gate_up=None,
     """Triton kernels: a GEMV over the selected experts for few pairs, a grouped GEMM beyond;
     with ``shared_gate_up [2ms, d]`` / ``shared_down [d, ms]``, the shared expert is added
     (folded into the same kernels for up to ``SHARED_FOLD_MAX_TOKENS`` tokens)."""
-    return triton_experts_op(x, idx, weight, gate_up, down, activations.canonical(act), shared_gate_up, shared_down)
-
-
+    y = triton_experts_op(x, idx, weight, gate_up, down, activations.canonical(act), shared_gate_up, shared_down)
+    return y[:, 0] if y.shape[1] == 1 else y.sum(1)  # bf16 too: summed in float32, rounded once
