@@ -190,6 +190,7 @@ def main(argv=None) -> int:
 GEMV_CANDIDATES = [(8, 512, 4), (4, 1024, 4), (2, 1024, 4), (4, 512, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8)]
 FEW_CANDIDATES = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4), (32, 64, 4, 4),
                   (32, 128, 8, 3), (64, 64, 8, 3)]
+FEW_GROUP_CANDIDATES = [1, 2, 3, 4, 6, 8]  # expert groups of the few-token down kernel (one output slot each)
 FEW_SWEEP_MAX_TOKENS = 128  # the few-token path is tried up to this many tokens (it serves up to te.FEW_MAX_TOKENS)
 GROUPED_CANDIDATES = [
     dict(bt=32, gate_up=(32, 256, 4, 3), down=(64, 256, 4, 3)),
@@ -255,6 +256,7 @@ def sweep(args) -> int:
                 if T <= FEW_SWEEP_MAX_TOKENS:
                     tries += [("few", te._few_experts, {"gate_up": gu, "down": dn}) for gu in FEW_CANDIDATES
                               for dn in FEW_CANDIDATES if gu == dn or dn == FEW_CANDIDATES[1]]
+                    tries += [("few", te._few_experts, {**te.FEW_CONFIG, "groups": g}) for g in FEW_GROUP_CANDIDATES]
                 grouped = GROUPED_CANDIDATES if args.grouped_sweep else [te.grouped_config(T * (S + s.top_k))]
                 tries += [("grouped", te._grouped_experts, cfg) for cfg in grouped]
                 res = []

@@ -82,7 +82,7 @@ def _run(path, x, idx, w, gu, dn, act):
     if path == "gemv":
         return te._gemv_experts(x, idx, w, gu, dn, act)
     if path == "few":
-        return te._few_experts(x, idx, w, gu, dn, act)
+        return te._few_experts(x, idx, w, gu, dn, act).sum(1)  # one partial sum per group of experts
     if path == "grouped":
         return te._grouped_experts(x, idx, w, gu, dn, act).sum(1)  # one output per (token, slot)
     if path == "grouped-sorted":  # the torch-ops alignment used for very many pairs
@@ -197,6 +197,7 @@ def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype):
         out = fn(x, idx, w, gu, dn, act, shared=(sgu, sd))
         if path == "grouped":
             assert out.shape == (T, -(-ms // 20) + a, x.shape[1])  # one output per (token, slot): S pieces + a
+        if path != "gemv":
             out = out.sum(1)
     ref = oracle(x, idx, w, gu, dn, act) + shared_oracle(x, sgu, sd, act)
     assert out.dtype == x.dtype
@@ -309,6 +310,19 @@ def test_cmoe_mlp_compiles_fullgraph(B, T):
     with torch.no_grad():
         f = torch.compile(mod, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
         torch.testing.assert_close(f(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 3, 100])
+def test_few_token_path_any_number_of_expert_groups(groups):
+    """The few-token down kernel's partial sums over groups of experts add up to the whole,
+    for one group, groups of unequal size, and more groups than experts (one each)."""
+    x, idx, w, gu, dn = problem(6, 2, 7, d=36, m=20, seed=groups, empty=2)
+    sgu, sd = _shared(45, seed=groups)  # 3 pieces, the last partial
+    cfg = {**te.FEW_CONFIG, "groups": groups}
+    out = te._few_experts(x, idx, w, gu, dn, "silu", cfg, shared=(sgu, sd))
+    assert out.shape == (6, min(groups, 3 + 7), 36)  # 3 shared pieces + 7 experts
+    ref = oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")
+    assert rel_err(out.sum(1), ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("T,a,ms", [(1, 2, 20), (5, 2, 0), (17, 2, 30), (70, 2, 20), (3, 0, 20)])

@@ -51,7 +51,7 @@ def cases():
             yield (f"few_gate_up {dt} S={S}", te._few_gate_up, ptrs,
                    dict(A=3, AP=4, S=S, ACT=1, TP=16, BN=bn, BK=bk, **upcast_ieee))
             bn, bk, _, _ = te.FEW_CONFIG["down"]
-            yield (f"few_down {dt} S={S}", te._few_down, ptrs, dict(A=3, AP=4, S=S, TP=16, BN=bn, BK=bk, **upcast_ieee))
+            yield (f"few_down {dt} S={S}", te._few_down, ptrs, dict(A=3, AP=4, S=S, K=4, TP=16, BN=bn, BK=bk, **upcast_ieee))
             for _, cfg in te.GROUPED_CONFIGS:
                 bt = cfg["bt"]
                 bn, bk, _, _ = cfg["gate_up"]

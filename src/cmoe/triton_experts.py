@@ -304,36 +304,45 @@ def _few_gate_up(
 
 @triton.jit
 def _few_down(
-    h_ptr, idx_ptr, wt_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+E, m]; down [E, d, m]; shared_down [d, ms]; out [T, d]
-    T, d, m, ms, E,
-    A: tl.constexpr, AP: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
+    h_ptr, idx_ptr, wt_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+E, m]; down [E, d, m]; shared_down [d, ms]; out [T, K, d]
+    T, d, m, ms, E, GS,
+    A: tl.constexpr, AP: tl.constexpr, S: tl.constexpr, K: tl.constexpr, TP: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Program (block of d, group g): the sum over virtual experts g*GS.. g*GS+GS-1 (shared
+    pieces with weight 1, routed experts with each token's weight, 0 if not chosen) into out[:, g]."""
     pid_n = tl.program_id(0)
+    g = tl.program_id(1)
     offs_t = tl.arange(0, TP)
     t_ok = offs_t < T
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < d
     acc = tl.zeros((TP, BN), tl.float32)
-    for slot in range(0, S):  # the shared pieces: weight 1 for every token
-        wd, k_end = _down_rows(w_ptr, sd_ptr, slot, offs_n, d, m, ms, S)
-        h_rows = h_ptr + (offs_t * (S + E) + slot) * m
-        acc = _down_block(acc, h_rows, t_ok, wd, n_ok, m, k_end, BK, UPCAST, IEEE, "evict_first")
-    for e in range(0, E):
-        used, coef = _used_by(idx_ptr, wt_ptr, offs_t, t_ok, e, A, AP)
-        if used > 0:
-            wd, k_end = _down_rows(w_ptr, sd_ptr, S + e, offs_n, d, m, ms, S)
-            h_rows = h_ptr + (offs_t * (S + E) + S + e) * m
+    for v in range(g * GS, tl.minimum(g * GS + GS, S + E)):
+        used, coef = _used_by(idx_ptr, wt_ptr, offs_t, t_ok, v - S, A, AP)
+        coef = tl.where(v < S, t_ok.to(tl.float32), coef)  # a shared piece: weight 1 for every token
+        if v < S or used > 0:
+            wd, k_end = _down_rows(w_ptr, sd_ptr, v, offs_n, d, m, ms, S)
+            h_rows = h_ptr + (offs_t * (S + E) + v) * m
             part = _down_block(tl.zeros((TP, BN), tl.float32), h_rows, t_ok, wd, n_ok, m, k_end, BK, UPCAST, IEEE, "evict_first")
             acc += part * coef[:, None]
-    tl.store(out_ptr + offs_t[:, None] * d + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+    out = out_ptr + (offs_t[:, None] * K + g) * d + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
 
 
 FEW_MAX_TOKENS = 16  # up to this many tokens (and more than GEMV_MAX_PAIRS pairs): the few-token path (H200 sweep)
 FEW_CONFIG = {"gate_up": (32, 256, 4, 3), "down": (32, 256, 4, 3)}  # (BN, BK, num_warps, num_stages)
+FEW_DOWN_GROUPS = 4  # the down kernel splits the experts into this many groups, one output slot each (H200 sweep)
+
+
+def _few_groups(S: int, E: int, groups: int | None = None) -> tuple[int, int]:
+    """(K, GS): the few-token down kernel's output slots and virtual experts per slot."""
+    gs = triton.cdiv(S + E, min(groups or FEW_DOWN_GROUPS, S + E))
+    return triton.cdiv(S + E, gs), gs
 
 
 def _few_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None, shared=None) -> torch.Tensor:
+    """[T, K, d]: K partial sums over groups of experts (``FEW_DOWN_GROUPS``), to be summed by the caller."""
     cfg = cfg or FEW_CONFIG
     T, a = idx.shape
     d = x.shape[1]
@@ -341,7 +350,8 @@ def _few_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = Non
     ms, S = _shared_pieces(shared, m)
     sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
     h = torch.empty(T, S + E, m, device=x.device, dtype=x.dtype)
-    out = torch.empty_like(x)
+    K, gs = _few_groups(S, E, cfg.get("groups"))
+    out = torch.empty(T, K, d, device=x.device, dtype=x.dtype)
     tp = max(16, triton.next_power_of_2(T))
     ap = triton.next_power_of_2(a)
     upcast = _INTERPRET and x.dtype != torch.float32
@@ -352,9 +362,9 @@ def _few_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = Non
         A=a, AP=ap, S=S, ACT=_ACT_CODE[act], TP=tp, BN=bn, BK=bk, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
     bn, bk, nw, ns = cfg["down"]
-    _few_down[(triton.cdiv(d, bn),)](
-        h, idx, weight, down, sd, out, T, d, m, ms, E,
-        A=a, AP=ap, S=S, TP=tp, BN=bn, BK=bk, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
+    _few_down[(triton.cdiv(d, bn), K)](
+        h, idx, weight, down, sd, out, T, d, m, ms, E, gs,
+        A=a, AP=ap, S=S, K=K, TP=tp, BN=bn, BK=bk, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
     return out
 
@@ -745,10 +755,13 @@ def _plan(T: int, a: int, ms: int, m: int) -> tuple[str, int]:
     return ("few" if T <= FEW_MAX_TOKENS else "grouped"), S
 
 
-def _slots(T: int, a: int, ms: int, m: int) -> int:
-    """The op's middle dimension: the grouped path returns one output per (token, slot), the others one per token."""
+def _slots(T: int, a: int, ms: int, m: int, E: int) -> int:
+    """The op's middle dimension: one output per (token, slot) on the grouped path, one per
+    group of experts on the few-token path, one per token on the GEMV path."""
     path, S = _plan(T, a, ms, m)
-    return S + a if path == "grouped" and T > 0 and S + a > 0 else 1
+    if T == 0 or a == 0 or path == "gemv":
+        return 1
+    return S + a if path == "grouped" else _few_groups(S, E)[0]
 
 
 @torch.library.custom_op("cmoe::triton_experts", mutates_args=())
@@ -757,8 +770,9 @@ def triton_experts_op(
     shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts, plus the shared expert when its weights are given: [T, K, d], whose sum
-    over K is the FFN output. The grouped path returns each slot's output (K = S + a) and leaves
-    the sum to the caller, so that a compiled model fuses it into the next kernel."""
+    over K is the FFN output (``_slots``). The grouped path returns each slot's output and the
+    few-token path one partial sum per group of experts; the caller sums them, so that a compiled
+    model fuses the sum into the next kernel."""
     _check(x, idx, weight, gate_up, down, act)
     T, a = idx.shape
     m = down.shape[2]
@@ -776,7 +790,7 @@ def triton_experts_op(
     if path == "gemv":
         out = _gemv_experts(x, idx, weight, gate_up, down, act, shared=fold)[:, None]
     elif path == "few":
-        out = _few_experts(x, idx, weight, gate_up, down, act, shared=fold)[:, None]
+        out = _few_experts(x, idx, weight, gate_up, down, act, shared=fold)
     else:
         out = _grouped_experts(x, idx, weight, gate_up, down, act, shared=fold)
     if extra is not None:
@@ -788,7 +802,7 @@ def triton_experts_op(
 def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None):
     T, a = idx.shape
     ms = 0 if shared_down is None else shared_down.shape[1]
-    return x.new_empty(T, _slots(T, a, ms, down.shape[2]), x.shape[1])
+    return x.new_empty(T, _slots(T, a, ms, down.shape[2], down.shape[0]), x.shape[1])
 
 
 @register("triton")
