@@ -4,27 +4,33 @@ Same function as every other implementation (see ``cmoe.experts``)::
 
     out[t] = sum_k weight[t, k] * down[e] @ (act(g) * u),   [g; u] = gate_up[e] @ x[t],  e = idx[t, k]
 
-Two paths, chosen from static shapes (so a decode step captures in a CUDA graph):
+Three paths, chosen from static shapes (so a decode step captures in a CUDA graph):
 
-- few (token, expert) pairs (decode): ``_gemv_gate_up`` reads only the selected experts'
-  gate/up rows, one program per (pair, block of m) and fuses act-and-multiply; ``_gemv_down``
-  reads the selected experts' down rows, one program per (token, block of d), sums the a
-  experts of the token with their routing weights in registers and writes ``out`` once.
-- many pairs (prefill, large batches): pairs are sorted by expert on the device and padded
-  to tiles of ``BT`` rows (``align``: one Triton program for moderate counts, sort-based torch
-  ops beyond); ``_grouped_gate_up`` is a grouped GEMM with gate and up fused and the
-  activation in the epilogue; ``_grouped_down`` multiplies by the routing weight and writes
-  each pair's row; the ``a`` rows of a token are then summed (deterministic, no atomics).
+- very few (token, expert) pairs (decode at batch 1): ``_gemv_gate_up`` reads only the selected
+  experts' gate/up rows, one program per (pair, block of m) and fuses act-and-multiply;
+  ``_gemv_down`` reads the selected experts' down rows, one program per (token, block of d),
+  sums the a experts of the token with their routing weights in registers and writes ``out``
+  once.
+- few tokens (up to ``FEW_MAX_TOKENS``): ``_few_gate_up`` multiplies every token by each used
+  expert's weights, read once; ``_few_down`` does the same per group of experts (tokens that did
+  not choose an expert get weight 0) and writes one partial sum per group.
+- many pairs (larger batches, prefill): pairs are grouped by expert on the device and padded to
+  tiles of ``BT`` rows (``align``: one Triton program for moderate counts, sort-based torch ops
+  beyond); ``_grouped_gate_up`` is a grouped GEMM with gate and up fused and the activation in
+  the epilogue; ``_grouped_down`` multiplies by the routing weight and writes each pair's row.
 
-Given the shared expert's weights too, both paths compute the whole FFN: the shared expert's
+Given the shared expert's weights too, every path computes the whole FFN: the shared expert's
 neurons become ``S = ceil(ms / m)`` extra pieces that every token selects with weight 1, so a
 decode layer is two launches (up to ``SHARED_FOLD_MAX_TOKENS`` tokens; beyond, cuBLAS runs the
 shared expert, which it does faster at prefill sizes). The router (analytical or linear) has
 its own fused kernels (``fused_route``).
 
-Both paths are wrapped in ``torch.library.custom_op("cmoe::triton_experts")`` with a fake
+The paths are wrapped in ``torch.library.custom_op("cmoe::triton_experts")`` with a fake
 (meta) implementation, so ``torch.compile(fullgraph=True)`` treats them as one opaque op.
 No ``.item()``, no host synchronisation, and every buffer has a shape fixed by (T, a, E).
+The op returns ``[T, K, d]`` (``_slots``: one row per pair on the grouped path, per group of
+experts on the few-token path, K = 1 on the GEMV path) and ``triton_experts`` sums over K, in
+a fixed order, with no atomics; in a compiled model that sum fuses into the next kernel.
 
 On a machine without a GPU the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1``
 is set before this module is imported (the tests do so); bf16 products are then upcast to
@@ -331,7 +337,7 @@ def _few_down(
 
 
 FEW_MAX_TOKENS = 16  # up to this many tokens (and more than GEMV_MAX_PAIRS pairs): the few-token path (H200 sweep)
-FEW_CONFIG = {"gate_up": (32, 256, 4, 3), "down": (32, 256, 4, 3)}  # (BN, BK, num_warps, num_stages)
+FEW_CONFIG = {"gate_up": (32, 128, 4, 3), "down": (32, 128, 4, 3)}  # (BN, BK, num_warps, num_stages)
 FEW_DOWN_GROUPS = 4  # the down kernel splits the experts into this many groups, one output slot each (H200 sweep)
 
 
