@@ -337,7 +337,7 @@ def _few_down(
 
 
 FEW_MAX_TOKENS = 16  # up to this many tokens (and more than GEMV_MAX_PAIRS pairs): the few-token path (H200 sweep)
-FEW_CONFIG = {"gate_up": (32, 128, 4, 3), "down": (32, 128, 4, 3)}  # (BN, BK, num_warps, num_stages)
+FEW_CONFIG = {"gate_up": (32, 256, 4, 3), "down": (32, 256, 4, 3)}  # (BN, BK, num_warps, num_stages)
 FEW_DOWN_GROUPS = 4  # the down kernel splits the experts into this many groups, one output slot each (H200 sweep)
 
 
