@@ -264,7 +264,7 @@ def sweep(args) -> int:
 
                     def call(lay, fn=fn, cfg=cfg):
                         y = fn(x, idx, w, lay.experts.gate_up_proj, lay.experts.down_proj, "silu", cfg, sh(lay))
-                        return y.sum(1) if y.dim() == 3 else y  # the grouped path: one output per (token, slot)
+                        return y.sum(1) if y.dim() == 3 else y  # grouped and few-token paths: one output per slot
 
                     try:  # every candidate is checked against the reference before it is timed
                         out = call(layers[0])

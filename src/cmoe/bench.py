@@ -326,6 +326,7 @@ def profile_kernels(run, n: int, log, label: str, top: int = 16) -> None:
         log(f"    {us:8.1f} us  {cnt / n:4.0f}x  {name}")
 
 
+@torch.no_grad()
 def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int = 8) -> None:
     """Where one compiled decode step's time goes (``profile_kernels`` over ``n`` steps)."""
     from cmoe.generation import _cache_kwarg, _forward_logits, compiled_decode_step, get_static_cache
