@@ -15,6 +15,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from cmoe.bench import _median_time
 
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
                    help="with --sweep: time only the grouped configuration in use, not every candidate")
     p.add_argument("--fold-max-tokens", type=int, default=None,
                    help="fold the shared expert into the expert kernels up to this many tokens (default: the op's setting)")
+    p.add_argument("--masked", action="store_true",
+                   help="time tile configurations of the masked path (the whole layer) against the other paths")
     p.add_argument("--kernels", action="store_true",
                    help="also profile the dense and the MoE layers' CUDA graphs: time per kernel")
     args = p.parse_args(argv)
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
         te.SHARED_FOLD_MAX_TOKENS = args.fold_max_tokens
     if args.sweep:
         return sweep(args)
+    if args.masked:
+        return sweep_masked(args)
 
     from cmoe import experts
     from cmoe import triton_experts as te
@@ -286,6 +291,87 @@ def sweep(args) -> int:
                     print("   current config not among the candidates")
                 for t, kind, cfg in cur:
                     print(f"   current: {t:7.1f} us {kind} {cfg}")
+        del layers
+        torch.cuda.empty_cache()
+    return 0
+
+
+MASKED_BT = [16, 32, 64, 128]
+MASKED_TILES = [(32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (16, 256, 4, 3), (64, 128, 8, 3),
+                (128, 64, 8, 3), (64, 64, 8, 4)]
+MASKED_GROUPS = [1, 2, 4, 8]
+
+
+def sweep_masked(args) -> int:
+    """The whole layer (router + experts) per token count: the other paths (router, then the
+    experts op) against the masked path in stages: tokens per tile and gate/up tiles, then the
+    down tiles, then the number of expert groups; each candidate checked against the other paths."""
+    from cmoe import triton_experts as te
+
+    d, f = SHAPES[args.shape]
+    print(f"# masked-path sweep {torch.cuda.get_device_name()} {args.shape}; whole layer, us")
+    for preset in args.configs:
+        layers = [make_moe(d, f, preset) for _ in range(args.copies)]
+        for lay in layers:
+            lay.impl = "triton"
+        s = layers[0].spec
+        S = -(-s.shared_size // s.expert_size)
+        for T in args.tokens:
+            x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+
+            def t_of(fn):
+                def run():
+                    for lay in layers:
+                        fn(lay)
+
+                return graph_ms(run) / args.copies * 1e3
+
+            with torch.no_grad():
+                keep = te.MASKED_MAX_TOKENS
+                te.MASKED_MAX_TOKENS = 0  # the other paths
+                try:
+                    ref = layers[0](x).float()
+                    t_other = t_of(lambda lay: lay(x))
+                finally:
+                    te.MASKED_MAX_TOKENS = keep
+                t_used = t_of(lambda lay: lay(x))  # what the layer runs now
+
+                def masked_t(cfg):
+                    def call(lay):
+                        sh = (lay.shared_gate_up.weight, lay.shared_down.weight) if S else None
+                        r = lay.router
+                        router = (r.gate, r.up, r.bias, r.scale, False) if hasattr(r, "gate") else (r.weight, r.weight, r.bias, r.scale, True)
+                        return te._masked_moe(x, lay.experts.gate_up_proj, lay.experts.down_proj, sh, router, "silu", s.top_k, cfg).sum(1)
+
+                    try:
+                        out = call(layers[0]).float()
+                        err = ((out - ref).norm() / ref.norm()).item()
+                        assert err < 1e-2, f"rel err {err:.1e}"
+                        return t_of(call)
+                    except Exception as e:  # noqa: BLE001
+                        print("  fail", cfg, type(e).__name__, str(e)[:100])
+                        return float("inf")
+
+                res = []
+                default_dn = (32, 128, 4, 3)
+                for bt in [b for b in MASKED_BT if b <= max(16, triton.next_power_of_2(T))]:
+                    for gu in MASKED_TILES:
+                        cfg = dict(bt=bt, gate_up=gu, down=default_dn, groups=4)
+                        res.append((masked_t(cfg), cfg))
+                best = min(res, key=lambda r: r[0])[1]
+                for dn in MASKED_TILES:
+                    cfg = {**best, "down": dn}
+                    res.append((masked_t(cfg), cfg))
+                best = min(res, key=lambda r: r[0])[1]
+                for g in MASKED_GROUPS:
+                    cfg = {**best, "groups": g}
+                    res.append((masked_t(cfg), cfg))
+                res.sort(key=lambda r: r[0])
+                t_cur = masked_t(te.masked_config(T))
+            print(f"{preset} T={T}: other paths {t_other:.1f} us, in use {t_used:.1f} us "
+                  f"(use_masked={te.use_masked(T, s.top_k, S, s.num_experts)}), masked with current tiles {t_cur:.1f} us; best masked:")
+            for t, cfg in res[:3]:
+                print(f"   {t:7.1f} us  {cfg}", flush=True)
         del layers
         torch.cuda.empty_cache()
     return 0

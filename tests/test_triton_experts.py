@@ -343,3 +343,95 @@ def test_grad_falls_back_to_torch():
     x = torch.randn(4, 36, device=DEVICE, requires_grad=True)
     mod(x).sum().backward()
     assert x.grad is not None and mod.router.scale.grad is not None
+
+
+# ----------------------------------------------------------------------------- masked path (the whole layer)
+def _masked(mod, x, cfg=None):
+    """The masked path's output for a CMoEMLP ``mod``: router and experts in two kernels."""
+    r = mod.router
+    linear = mod.spec.router == "linear"
+    rg, ru = (r.weight, r.weight) if linear else (r.gate, r.up)
+    S = -(-mod.spec.shared_size // mod.spec.expert_size)
+    shared = (mod.shared_gate_up.weight, mod.shared_down.weight) if S else None
+    return te._masked_moe(x, mod.experts.gate_up_proj, mod.experts.down_proj, shared,
+                          (rg, ru, r.bias, r.scale, linear), mod.spec.act, mod.spec.top_k, cfg)
+
+
+def _biased(mod, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mod.router.bias.copy_((torch.randn(mod.spec.num_experts, generator=g) * 0.05).to(mod.router.bias))
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,a,shared,router", [(1, 2, 20, "analytical"), (3, 1, 45, "linear"), (17, 2, 0, "linear"),
+                                               (40, 3, 30, "analytical")])
+def test_masked_path_matches_reference(T, a, shared, router, dtype):
+    """Odd token counts, one token (most experts get none), tiles of 16 tokens (17 and 40:
+    a partial last tile), a partial last shared piece (45, 30), both routers, a bias in the choice."""
+    act = ACTS[(T + a) % len(ACTS)]
+    mod = _biased(_moe(dtype, act=act, a=a, shared=shared, router=router), seed=T)
+    x = torch.randn(T, 36, generator=torch.Generator().manual_seed(T)).to(DEVICE, dtype)
+    cfg = {**te.masked_config(T), "bt": 16}
+    with torch.no_grad():
+        out = _masked(mod, x, cfg)
+        ref = mod.float().forward_reference(x.float()).double()
+    assert out.shape[0] == T and out.shape[2] == 36 and out.dtype == dtype  # [T, K, d]: K groups of experts
+    assert rel_err(out.sum(1), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("groups", [1, 3, 100])
+def test_masked_path_any_number_of_expert_groups(groups):
+    mod = _biased(_moe(shared=45))  # 3 pieces, the last partial, + 5 experts
+    x = torch.randn(6, 36, generator=torch.Generator().manual_seed(groups)).to(DEVICE)
+    with torch.no_grad():
+        out = _masked(mod, x, {**te.masked_config(6), "groups": groups})
+        ref = mod.forward_reference(x)
+    assert out.shape == (6, min(groups, 8), 36)
+    assert rel_err(out.sum(1), ref.double()) < TOL[torch.float32]
+
+
+def test_masked_path_routes_like_the_fused_router():
+    """Tokens whose top-a differs between the masked path and the fused router would show as a
+    large error: compare token by token, with the router's own choice run through the loop."""
+    mod = _biased(_moe(a=2, shared=20, router="linear"), seed=3)
+    with torch.no_grad():
+        mod.router.scale.copy_(torch.linspace(-0.5, 0.5, 5))  # weights 1 + p v differ from 1
+        x = torch.randn(33, 36, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        idx, w, _ = te.fused_route(mod.router, x)
+        ref = oracle(x, idx, w, mod.experts.gate_up_proj, mod.experts.down_proj, "silu")
+        ref += shared_oracle(x, mod.shared_gate_up.weight, mod.shared_down.weight, "silu")
+        out = _masked(mod, x, {**te.masked_config(33), "bt": 16}).sum(1).double()
+    assert ((out - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-4
+
+
+def test_masked_op_fake_matches_real():
+    mod = _moe(shared=30)
+    x = torch.randn(7, 36).to(DEVICE)
+    r = mod.router
+    args = (x, mod.experts.gate_up_proj.detach(), mod.experts.down_proj.detach(), mod.shared_gate_up.weight.detach(),
+            mod.shared_down.weight.detach(), r.gate.detach(), r.up.detach(), r.bias, r.scale.detach(), "silu", 2, False)
+    torch.library.opcheck(te.triton_masked_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_masked_path_compiles_fullgraph():
+    mod = _moe(shared=20)
+    x = torch.randn(9, 36).to(DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        f = torch.compile(lambda t: te.masked_moe(mod, t), fullgraph=True,
+                          backend="aot_eager" if DEVICE == "cpu" else "inductor")
+        torch.testing.assert_close(f(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_masked_path_is_chosen_where_few_weights_go_unused():
+    """The rule of ``use_masked``: every expert (nearly) always touched -> masked; a batch that
+    leaves many experts unused, one token, or very many tokens -> the other paths."""
+    assert te.use_masked(8, 3, 3, 5)  # S3A3E8 at batch 8: 0.4^8 of each expert unused
+    assert te.use_masked(32, 1, 1, 7)  # S1A1E8 at batch 32
+    assert not te.use_masked(4, 1, 1, 7)  # S1A1E8 at batch 4: about 3 of 7 experts unused
+    assert not te.use_masked(1, 3, 3, 5)
+    assert not te.use_masked(te.MASKED_MAX_TOKENS + 1, 3, 3, 5)
+    assert not te.use_masked(16, 0, 3, 5)
+    mod = _moe(shared=20)
+    assert te.masked_moe(mod, torch.randn(1, 36, device=DEVICE)) is None  # one token: the GEMV path

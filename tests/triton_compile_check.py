@@ -60,6 +60,17 @@ def cases():
                 bn, bk, _, _ = cfg["down"]
                 yield (f"grouped_down {dt} S={S} bt={bt}", te._grouped_down, ptrs,
                        dict(A=3, S=S, BT=bt, BN=bn, BK=bk, GROUP=8, **upcast_ieee))
+            # the router's weights in the activations' dtype; its bias and scale (E values, loaded once
+            # per program, element by element in bf16) as fp32, so that --loads counts the weights only
+            for limit, cfg in te.MASKED_CONFIGS:
+                bt, linear = cfg["bt"], S == 0
+                mptrs = {**ptrs, "sc_ptr": "*fp32", "bias_ptr": "*fp32", "scale_ptr": "*fp32"}
+                bn, bk, _, _ = cfg["gate_up"]
+                yield (f"masked_gate_up {dt} S={S} T<={limit}", te._masked_gate_up, mptrs,
+                       dict(S=S, ACT=0, BT=bt, BN=bn, BK=bk, BE=16, R_IEEE=upcast_ieee["IEEE"], LINEAR=linear, **upcast_ieee))
+                bn, bk, _, _ = cfg["down"]
+                yield (f"masked_down {dt} S={S} T<={limit}", te._masked_down, mptrs,
+                       dict(A=3, S=S, K=4, ACT=0, BT=bt, BN=bn, BK=bk, BE=16, LINEAR=linear, **upcast_ieee))
     for S in (0, 3):
         yield (f"align S={S}", te._align_kernel, {"x": "*i32", "idx_ptr": "*i64"},
                dict(A=3, S=S, BT=64, CHUNK=512, EB=16, TB=512))

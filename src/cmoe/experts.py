@@ -135,6 +135,17 @@ def fused_router():
     return fused_route
 
 
+def fused_layer():
+    """The whole layer (router and experts) in two Triton kernels (``fn(layer, x)``, None for
+    shapes it does not serve) when Triton is available, else None."""
+    _load_triton()
+    if "triton" not in EXPERT_IMPLS:
+        return None
+    from .triton_experts import masked_moe
+
+    return masked_moe
+
+
 def default_impl(x: torch.Tensor) -> str:
     """The implementation ``auto`` resolves to for this input."""
     if x.is_cuda:

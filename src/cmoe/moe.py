@@ -165,12 +165,21 @@ class CMoEMLP(nn.Module):
             parametrize.is_parametrized(self.shared_gate_up) or parametrize.is_parametrized(self.shared_down)
         )
 
+    def _fusable_layer(self) -> bool:
+        """Nothing asks for the routing itself, and the shared expert's weights are plain."""
+        return not (self.collect_load or self.keep_router_probs) and (self.spec.shared_size == 0 or self._fusable_shared())
+
     def forward(self, hidden: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # [T, d]
         if self.spec.top_k == 0:
             return self.shared(x).reshape(shape)
         impl = impl or self.impl
+        if impl in ("auto", "triton") and x.is_cuda and not torch.is_grad_enabled() and self._fusable_layer():
+            whole = experts.fused_layer()  # router and experts in two kernels, for the batches where that pays
+            out = whole(self, x) if whole is not None else None
+            if out is not None:
+                return out.reshape(shape)
         idx, weight, probs = self.router.forward_reference(x) if impl == "loop" else self.route(x)
         if self.collect_load:
             self.expert_load += expert_counts(idx, self.spec.num_experts)

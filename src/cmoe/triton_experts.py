@@ -590,28 +590,58 @@ def _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, k_start, k_s
 
 
 @triton.jit
-def _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E,
-                  A: tl.constexpr, ACT: tl.constexpr, BE: tl.constexpr, LINEAR: tl.constexpr):
-    """scores |u * act(g)| (LINEAR: g) -> p = softmax, top-A of p + b (first index on ties), weights 1 + p * v."""
+def _route_probs(g, u, e_ok, ACT: tl.constexpr, LINEAR: tl.constexpr):
+    """scores |u * act(g)| (LINEAR: g) -> p = softmax over the E experts [BT, BE]."""
     if LINEAR:
         s = g
     else:
         s = tl.abs(u * _act(g, ACT))
     s = tl.where(e_ok[None, :], s, float("-inf"))
     s = tl.exp(s - tl.max(s, 1)[:, None])
-    p = s / tl.sum(s, 1)[:, None]  # [BT, BE]
+    return s / tl.sum(s, 1)[:, None]
+
+
+@triton.jit
+def _take_best(sel, offs_e, BE: tl.constexpr):
+    """The best expert of each row of ``sel`` [BT, BE] (first index on ties), and its one-hot mask."""
+    best = tl.max(sel, 1)
+    j = tl.min(tl.where(sel == best[:, None], offs_e[None, :], BE), 1)
+    return j, offs_e[None, :] == j[:, None]
+
+
+@triton.jit
+def _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E,
+                  A: tl.constexpr, ACT: tl.constexpr, BE: tl.constexpr, LINEAR: tl.constexpr):
+    """scores -> p = softmax, top-A of p + b (first index on ties), weights 1 + p * v: stored."""
+    p = _route_probs(g, u, e_ok, ACT, LINEAR)  # [BT, BE]
     tl.store(p_ptr + rows[:, None] * E + offs_e[None, :], p, mask=r_ok[:, None] & e_ok[None, :])
     b = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
     sel = tl.where(e_ok[None, :], p + b[None, :], float("-inf"))
     for k in tl.static_range(A):
-        best = tl.max(sel, 1)
-        j = tl.min(tl.where(sel == best[:, None], offs_e[None, :], BE), 1)
-        hit = offs_e[None, :] == j[:, None]
+        j, hit = _take_best(sel, offs_e, BE)
         pj = tl.sum(tl.where(hit, p, 0.0), 1)
         vj = tl.load(scale_ptr + j, mask=r_ok & (j < E), other=0.0).to(tl.float32)
         tl.store(idx_ptr + rows * A + k, j.to(tl.int64), mask=r_ok)
         tl.store(wt_ptr + rows * A + k, 1.0 + pj * vj, mask=r_ok)
         sel = tl.where(hit, float("-inf"), sel)
+
+
+@triton.jit
+def _route_weights(g, u, offs_e, e_ok, bias_ptr, scale_ptr,
+                   A: tl.constexpr, ACT: tl.constexpr, BE: tl.constexpr, LINEAR: tl.constexpr):
+    """scores -> (each token's weight for each routed expert [BT, BE]: 1 + p v for its top-A, 0
+    for the others; which experts it chose): the same choice and weights as _route_finish."""
+    p = _route_probs(g, u, e_ok, ACT, LINEAR)
+    b = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+    sel = tl.where(e_ok[None, :], p + b[None, :], float("-inf"))
+    taken = tl.zeros_like(p)
+    for k in tl.static_range(A):
+        j, hit = _take_best(sel, offs_e, BE)
+        taken += hit.to(tl.float32)
+        sel = tl.where(hit, float("-inf"), sel)
+    v = tl.load(scale_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+    chosen = taken > 0
+    return tl.where(chosen, 1.0 + p * v[None, :], 0.0), chosen
 
 
 @triton.jit
@@ -735,6 +765,190 @@ def fused_route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     if hasattr(router, "weight"):  # LinearRouter
         return triton_route_op(x, router.weight, router.weight, router.bias, router.scale, act, router.top_k, True)
     return triton_route_op(x, router.gate, router.up, router.bias, router.scale, act, router.top_k)
+
+
+# ----------------------------------------------------------------------------- masked path: the whole layer
+# Batches whose routing touches (nearly) every expert (decode at batch 8-256): no sort and no
+# separate router. ``_masked_gate_up`` multiplies every token by every virtual expert's weights,
+# each read once, and in one more program per tile of tokens computes the router's scores;
+# ``_masked_down`` turns the scores into each token's top-a choice and weights (the same as the
+# fused router's) and sums its group of virtual experts with weight 1 (shared pieces), the
+# routing weight (chosen) or 0 (not chosen), skipping experts that no token of the tile chose.
+# The whole FFN, router included, in two launches (the other paths need four or five).
+@triton.jit
+def _masked_gate_up(
+    x_ptr, w_ptr, sw_ptr, rg_ptr, ru_ptr, h_ptr, sc_ptr,  # x [T, d]; gate_up [E, 2m, d]; shared [2ms, d]; router [E, d] x2; h [T, S+E, m]; scores [2, rows_pad, BE]
+    T, d, m, ms, E, rows_pad,
+    S: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, R_IEEE: tl.constexpr, LINEAR: tl.constexpr,
+):
+    tile = tl.program_id(0)  # fastest-varying: the token tiles that read the same weights run together
+    pid_n = tl.program_id(1)
+    v = tl.program_id(2)  # virtual expert (shared pieces, then routed experts); S + E: the router
+    rows = tile * BT + tl.arange(0, BT)
+    r_ok = rows < T
+    if v == S + E:
+        if pid_n == 0:  # one program per tile of tokens: the router's scores over all of d
+            offs_e = tl.arange(0, BE)
+            g, u = _route_scores(x_ptr, rg_ptr, ru_ptr, rows, r_ok, offs_e, offs_e < E, d, 0, d,
+                                 BT, BE, BK, UPCAST, R_IEEE, LINEAR)
+            out = sc_ptr + rows[:, None] * BE + offs_e[None, :]
+            tl.store(out, g)
+            tl.store(out + rows_pad * BE, u)
+        return
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    wg, up, n_ok = _gate_up_rows(w_ptr, sw_ptr, v, offs_n, d, m, ms, S)
+    g, u = _matmul_pair(x_ptr, rows.to(tl.int64), r_ok, wg, wg + up, n_ok, d, 0, d, BT, BN, BK, UPCAST, IEEE,
+                        "evict_first", False)
+    out = h_ptr + (rows[:, None].to(tl.int64) * (S + E) + v) * m + offs_n[None, :]
+    tl.store(out, (_act(g, ACT) * u).to(h_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _masked_down(
+    h_ptr, sc_ptr, bias_ptr, scale_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+E, m]; scores [2, rows_pad, BE]; down [E, d, m]; shared_down [d, ms]; out [T, K, d]
+    T, d, m, ms, E, GS, rows_pad,
+    A: tl.constexpr, S: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, BE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, LINEAR: tl.constexpr,
+):
+    """Program (tile of tokens, block of d, group g): the sum over virtual experts g*GS.. g*GS+GS-1 into out[:, g]."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2)
+    rows = tile * BT + tl.arange(0, BT)
+    r_ok = rows < T
+    offs_e = tl.arange(0, BE)
+    sc = sc_ptr + rows[:, None] * BE + offs_e[None, :]
+    coef, chosen = _route_weights(tl.load(sc), tl.load(sc + rows_pad * BE), offs_e, offs_e < E, bias_ptr, scale_ptr,
+                                  A, ACT, BE, LINEAR)  # [BT, BE]
+    chosen = chosen & r_ok[:, None]
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < d
+    acc = tl.zeros((BT, BN), tl.float32)
+    for v in range(grp * GS, tl.minimum(grp * GS + GS, S + E)):
+        col = offs_e[None, :] == v - S  # the routed expert's column (none for a shared piece)
+        used = tl.sum(tl.sum((col & chosen).to(tl.int32), 1), 0)
+        c = tl.where(v < S, r_ok.to(tl.float32), tl.sum(tl.where(col, coef, 0.0), 1))  # [BT]
+        if v < S or used > 0:
+            wd, k_end = _down_rows(w_ptr, sd_ptr, v, offs_n, d, m, ms, S)
+            h_rows = h_ptr + (rows.to(tl.int64) * (S + E) + v) * m
+            part = _down_block(tl.zeros((BT, BN), tl.float32), h_rows, r_ok, wd, n_ok, m, k_end, BK, UPCAST, IEEE,
+                               "evict_first")
+            acc += part * c[:, None]
+    out = out_ptr + (rows[:, None].to(tl.int64) * K + grp) * d + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+
+
+# by number of tokens: BT tokens per tile, (BN, BK, num_warps, num_stages) of gate_up and of down,
+# groups of virtual experts in the down kernel (one output slot each); H200 sweep
+# (``bench_experts.py --masked``, docs/benchmarks/speed-h200.md)
+MASKED_CONFIGS = [
+    (16, dict(bt=16, gate_up=(32, 128, 4, 3), down=(64, 128, 4, 3), groups=4)),
+    (32, dict(bt=32, gate_up=(64, 128, 4, 3), down=(64, 128, 4, 3), groups=4)),
+    (None, dict(bt=64, gate_up=(64, 64, 4, 4), down=(64, 128, 4, 3), groups=4)),
+]
+MASKED_MAX_TOKENS = 64  # beyond: the grouped path, which multiplies only the active neurons (H200 sweep)
+MASKED_MAX_WASTE = 0.2  # largest expected share of the FFN's weights read for experts no token chose
+
+
+def masked_config(T: int) -> dict:
+    for limit, cfg in MASKED_CONFIGS:
+        if limit is None or T <= limit:
+            return cfg
+    raise AssertionError
+
+
+def use_masked(T: int, a: int, S: int, E: int) -> bool:
+    """Whether the masked path serves T tokens of a layer with S shared pieces and top-a of E
+    experts: more pairs than the GEMV path takes, at most MASKED_MAX_TOKENS tokens, and the
+    gate/up weights that it reads for experts no token chose (expected, for uniform routing:
+    (1 - a/E)^T of each) at most MASKED_MAX_WASTE of all the FFN's weights (gate/up is 2/3 of
+    an expert's). The saved launches (router, alignment) are worth about that much (H200 sweep)."""
+    if a == 0 or T * a <= GEMV_MAX_PAIRS or T > min(MASKED_MAX_TOKENS, SHARED_FOLD_MAX_TOKENS):
+        return False  # decode at batch 1: the GEMV path reads only the chosen experts
+    return 2 / 3 * E * (1 - a / E) ** T / (S + E) <= MASKED_MAX_WASTE
+
+
+def _masked_groups(S: int, E: int, groups: int) -> tuple[int, int]:
+    """(K, GS): the masked down kernel's output slots and virtual experts per slot."""
+    gs = triton.cdiv(S + E, min(groups, S + E))
+    return triton.cdiv(S + E, gs), gs
+
+
+@torch.library.custom_op("cmoe::triton_masked_moe", mutates_args=())
+def triton_masked_op(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, shared_gate_up: torch.Tensor | None,
+    shared_down: torch.Tensor | None, router_gate: torch.Tensor, router_up: torch.Tensor, bias: torch.Tensor,
+    scale: torch.Tensor, act: str, top_k: int, linear: bool,
+) -> torch.Tensor:
+    """The whole CMoE FFN (router, shared and routed experts) on the masked path: [T, K, d],
+    whose sum over K is the output (K groups of virtual experts)."""
+    return _masked_moe(x, gate_up, down, (shared_gate_up, shared_down) if shared_down is not None else None,
+                       (router_gate, router_up, bias, scale, linear), act, top_k)
+
+
+@triton_masked_op.register_fake
+def _(x, gate_up, down, shared_gate_up, shared_down, router_gate, router_up, bias, scale, act, top_k, linear):
+    m = down.shape[2]
+    S = 0 if shared_down is None else triton.cdiv(shared_down.shape[1], m)
+    K = _masked_groups(S, down.shape[0], masked_config(x.shape[0])["groups"])[0]
+    return x.new_empty(x.shape[0], K, x.shape[1])
+
+
+def _masked_moe(x, gate_up, down, shared, router, act: str, top_k: int, cfg: dict | None = None) -> torch.Tensor:
+    """``shared``: None or (shared_gate_up [2ms, d], shared_down [d, ms]); ``router``: (gate, up,
+    bias, scale, linear), as ``triton_route_op`` takes them. [T, K, d]."""
+    _check(x, None, None, gate_up, down, act)
+    T, d = x.shape
+    E, m = down.shape[0], down.shape[2]
+    ms, S = _shared_pieces(shared, m)
+    rg, ru, bias, scale, linear = router
+    x, gate_up, down, rg, ru = x.contiguous(), gate_up.contiguous(), down.contiguous(), rg.contiguous(), ru.contiguous()
+    sgu, sd = (shared[0].contiguous(), shared[1].contiguous()) if S else (gate_up, down)  # placeholders when S = 0
+    cfg = cfg or masked_config(T)
+    bt = cfg["bt"]
+    tiles = triton.cdiv(T, bt)
+    be = max(16, triton.next_power_of_2(E))
+    scores = torch.empty(2, tiles * bt, be, device=x.device, dtype=torch.float32)
+    h = torch.empty(T, S + E, m, device=x.device, dtype=x.dtype)
+    K, gs = _masked_groups(S, E, cfg["groups"])
+    out = torch.empty(T, K, d, device=x.device, dtype=x.dtype)
+    if T == 0:
+        return out
+    ieee = x.dtype == torch.float32
+    r_ieee = rg.dtype == torch.float32 or ieee or rg.dtype != x.dtype
+    upcast = _INTERPRET and not ieee
+    code = _ACT_CODE[act]
+    bn, bk, nw, ns = cfg["gate_up"]
+    _masked_gate_up[(tiles, triton.cdiv(m, bn), S + E + 1)](
+        x, gate_up, sgu, rg, ru, h, scores, T, d, m, ms, E, tiles * bt,
+        S=S, ACT=code, BT=bt, BN=bn, BK=bk, BE=be, UPCAST=upcast, IEEE=ieee, R_IEEE=r_ieee,
+        LINEAR=linear, num_warps=nw, num_stages=ns,
+    )
+    bn, bk, nw, ns = cfg["down"]
+    _masked_down[(tiles, triton.cdiv(d, bn), K)](
+        h, scores, bias, scale, down, sd, out, T, d, m, ms, E, gs, tiles * bt,
+        A=top_k, S=S, K=K, ACT=code, BT=bt, BN=bn, BK=bk, BE=be, UPCAST=upcast, IEEE=ieee, LINEAR=linear,
+        num_warps=nw, num_stages=ns,
+    )
+    return out
+
+
+def masked_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """The FFN output [T, d] of a ``CMoEMLP`` on the masked path, or None where ``use_masked``
+    sends these shapes to the other paths."""
+    spec = layer.spec
+    m = spec.expert_size
+    S = triton.cdiv(spec.shared_size, m)
+    if not use_masked(x.shape[0], spec.top_k, S, spec.num_experts):
+        return None
+    r = layer.router
+    linear = hasattr(r, "weight")  # LinearRouter
+    rg, ru = (r.weight, r.weight) if linear else (r.gate, r.up)
+    sgu, sd = (layer.shared_gate_up.weight, layer.shared_down.weight) if S else (None, None)
+    y = triton_masked_op(x, layer.experts.gate_up_proj, layer.experts.down_proj, sgu, sd, rg, ru, r.bias, r.scale,
+                         activations.canonical(spec.act), spec.top_k, linear)
+    return y.sum(1)  # bf16 too: summed in float32, rounded once
 
 
 # ----------------------------------------------------------------------------- the op
