@@ -88,6 +88,8 @@ def main(argv=None) -> int:
                    help="fold the shared expert into the expert kernels up to this many tokens (default: the op's setting)")
     p.add_argument("--masked", action="store_true",
                    help="time tile configurations of the masked path (the whole layer) against the other paths")
+    p.add_argument("--paths", action="store_true",
+                   help="the whole layer on each path (masked, dense, grouped/few-token) and on the one in use")
     p.add_argument("--kernels", action="store_true",
                    help="also profile the dense and the MoE layers' CUDA graphs: time per kernel")
     args = p.parse_args(argv)
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
         te.SHARED_FOLD_MAX_TOKENS = args.fold_max_tokens
     if args.sweep:
         return sweep(args)
-    if args.masked:
+    if args.masked or args.paths:
         return sweep_masked(args)
 
     from cmoe import experts
@@ -303,13 +305,15 @@ MASKED_GROUPS = [1, 2, 4, 8]
 
 
 def sweep_masked(args) -> int:
-    """The whole layer (router + experts) per token count: the other paths (router, then the
-    experts op) against the masked path in stages: tokens per tile and gate/up tiles, then the
-    down tiles, then the number of expert groups; each candidate checked against the other paths."""
+    """The whole layer (router + experts) per token count on each path: grouped/few-token/GEMV
+    (router, then the experts op), dense (cuBLAS on every neuron, masked), masked (two kernels),
+    and the one in use. With --masked, also the masked path's tiles in stages: tokens per tile and
+    gate/up tiles, then the down tiles, then the number of expert groups; each candidate checked
+    against the grouped/few-token result."""
     from cmoe import triton_experts as te
 
     d, f = SHAPES[args.shape]
-    print(f"# masked-path sweep {torch.cuda.get_device_name()} {args.shape}; whole layer, us")
+    print(f"# paths of the whole layer {torch.cuda.get_device_name()} {args.shape}; us per layer")
     for preset in args.configs:
         layers = [make_moe(d, f, preset) for _ in range(args.copies)]
         for lay in layers:
@@ -327,13 +331,17 @@ def sweep_masked(args) -> int:
                 return graph_ms(run) / args.copies * 1e3
 
             with torch.no_grad():
-                keep = te.MASKED_MAX_TOKENS
-                te.MASKED_MAX_TOKENS = 0  # the other paths
+                keep = te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK
                 try:
+                    te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK = 0, 0  # the grouped, few-token or GEMV path
                     ref = layers[0](x).float()
                     t_other = t_of(lambda lay: lay(x))
+                    te.DENSE_MAX_WORK = 1 << 30  # the dense path (cuBLAS, every neuron, masked)
+                    out = layers[0](x).float()
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    t_dense = t_of(lambda lay: lay(x)) if err < 1e-2 else float("nan")
                 finally:
-                    te.MASKED_MAX_TOKENS = keep
+                    te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK = keep
                 t_used = t_of(lambda lay: lay(x))  # what the layer runs now
 
                 def masked_t(cfg):
@@ -352,24 +360,26 @@ def sweep_masked(args) -> int:
                         print("  fail", cfg, type(e).__name__, str(e)[:100])
                         return float("inf")
 
+                t_cur = masked_t(te.masked_config(T))
                 res = []
                 default_dn = (32, 128, 4, 3)
-                for bt in [b for b in MASKED_BT if b <= max(16, triton.next_power_of_2(T))]:
+                for bt in [b for b in MASKED_BT if b <= max(16, triton.next_power_of_2(T)) and args.masked]:
                     for gu in MASKED_TILES:
                         cfg = dict(bt=bt, gate_up=gu, down=default_dn, groups=4)
                         res.append((masked_t(cfg), cfg))
-                best = min(res, key=lambda r: r[0])[1]
-                for dn in MASKED_TILES:
+                best = min(res, key=lambda r: r[0])[1] if res else None
+                for dn in MASKED_TILES if res else []:
                     cfg = {**best, "down": dn}
                     res.append((masked_t(cfg), cfg))
-                best = min(res, key=lambda r: r[0])[1]
-                for g in MASKED_GROUPS:
+                best = min(res, key=lambda r: r[0])[1] if res else None
+                for g in MASKED_GROUPS if res else []:
                     cfg = {**best, "groups": g}
                     res.append((masked_t(cfg), cfg))
                 res.sort(key=lambda r: r[0])
-                t_cur = masked_t(te.masked_config(T))
-            print(f"{preset} T={T}: other paths {t_other:.1f} us, in use {t_used:.1f} us "
-                  f"(use_masked={te.use_masked(T, s.top_k, S, s.num_experts)}), masked with current tiles {t_cur:.1f} us; best masked:")
+            path = "masked" if te.use_masked(T, s.top_k, S, s.num_experts) else (
+                "dense" if te.use_dense(T, s.active_size, s.intermediate_size) else "other")
+            print(f"{preset} T={T}: grouped/few/gemv {t_other:.1f} us, dense {t_dense:.1f} us (err {err:.1e}), "
+                  f"masked {t_cur:.1f} us; in use ({path}) {t_used:.1f} us" + ("; best masked:" if res else ""))
             for t, cfg in res[:3]:
                 print(f"   {t:7.1f} us  {cfg}", flush=True)
         del layers

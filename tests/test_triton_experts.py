@@ -45,7 +45,7 @@ def rel_err(out, ref):
 
 
 # ----------------------------------------------------------------------------- torch paths (no Triton)
-@pytest.mark.parametrize("impl", ["gather", "grouped", "select"])
+@pytest.mark.parametrize("impl", ["gather", "grouped", "select", "dense"])
 @pytest.mark.parametrize("T,a", [(1, 1), (3, 2), (17, 3)])
 def test_torch_paths_match_loop(impl, T, a):
     x, idx, w, gu, dn = problem(T, a, E=5, d=48, m=24, dtype=torch.float32)  # grouped_mm: 16-byte aligned rows
@@ -214,7 +214,7 @@ def test_shared_expert_beyond_the_fold_limit(monkeypatch):
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("impl", ["loop", "gather", "grouped", "select"])
+@pytest.mark.parametrize("impl", ["loop", "gather", "grouped", "select", "dense"])
 def test_torch_paths_add_the_shared_expert(impl):
     x, idx, w, gu, dn = problem(3, 2, 5, d=48, m=24, seed=5)
     sgu, sd = _shared(24, d=48, seed=5)
@@ -302,8 +302,9 @@ def test_cmoe_mlp_triton_matches_reference(T, shared, router):
         torch.testing.assert_close(mod(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("B,T", [(1, 3), (2, 17)], ids=["few", "grouped"])
-def test_cmoe_mlp_compiles_fullgraph(B, T):
+@pytest.mark.parametrize("B,T", [(1, 3), (2, 17), (1, 70)], ids=["few", "grouped", "dense"])
+def test_cmoe_mlp_compiles_fullgraph(B, T, monkeypatch):
+    monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 64)  # 70 tokens: the dense path
     mod = _moe()
     x = torch.randn(B, T, 36).to(DEVICE)
     torch._dynamo.reset()
@@ -435,3 +436,19 @@ def test_masked_path_is_chosen_where_few_weights_go_unused():
     assert not te.use_masked(16, 0, 3, 5)
     mod = _moe(shared=20)
     assert te.masked_moe(mod, torch.randn(1, 36, device=DEVICE)) is None  # one token: the GEMV path
+
+
+def test_dense_path_is_chosen_for_large_batches_of_mostly_active_layers(monkeypatch):
+    """``use_dense``: from DENSE_MIN_TOKENS, while tokens x (all / active neurons) stays under
+    DENSE_MAX_WORK; the registered op then gives the dense path's result (odd token count, two
+    experts that no token chose, an activation alias)."""
+    assert te.use_dense(256, 3, 4) and te.use_dense(256, 1, 2) and not te.use_dense(256, 1, 4)  # S3A3E8, S2A2E8, S1A1E8
+    assert not te.use_dense(te.DENSE_MIN_TOKENS - 1, 3, 4) and not te.use_dense(te.DENSE_MAX_WORK + 1, 1, 1)
+    monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 60)
+    T = 71
+    x, idx, w, gu, dn = problem(T, 2, 6, seed=11, empty=2)
+    sgu, sd = _shared(20, seed=11)
+    assert te.use_dense(T, 20 + 2 * 20, 20 + 6 * 20)
+    out = experts.run_experts("triton", x, idx, w, gu, dn, "swish", shared=(sgu, sd))
+    ref = oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")
+    assert rel_err(out, ref) < TOL[torch.float32]

@@ -4,7 +4,7 @@ Same function as every other implementation (see ``cmoe.experts``)::
 
     out[t] = sum_k weight[t, k] * down[e] @ (act(g) * u),   [g; u] = gate_up[e] @ x[t],  e = idx[t, k]
 
-Three paths, chosen from static shapes (so a decode step captures in a CUDA graph):
+Three expert paths, chosen from static shapes (so a decode step captures in a CUDA graph):
 
 - very few (token, expert) pairs (decode at batch 1): ``_gemv_gate_up`` reads only the selected
   experts' gate/up rows, one program per (pair, block of m) and fuses act-and-multiply;
@@ -25,6 +25,14 @@ decode layer is two launches (up to ``SHARED_FOLD_MAX_TOKENS`` tokens; beyond, c
 shared expert, which it does faster at prefill sizes). The router (analytical or linear) has
 its own fused kernels (``fused_route``).
 
+Two more paths cover the batches whose routing touches every expert (``CMoEMLP`` picks them):
+
+- the masked path (``masked_moe``, 2-64 tokens, ``use_masked``): the whole layer, router
+  included, in two kernels; every token through every expert's gate/up, the routing applied
+  in the down kernel. No separate router, no alignment.
+- the dense path (``use_dense``, from 256 tokens for layers with half or more of their neurons
+  active): cuBLAS on every neuron with the routing as a mask (``cmoe.experts.dense_experts``).
+
 The paths are wrapped in ``torch.library.custom_op("cmoe::triton_experts")`` with a fake
 (meta) implementation, so ``torch.compile(fullgraph=True)`` treats them as one opaque op.
 No ``.item()``, no host synchronisation, and every buffer has a shape fixed by (T, a, E).
@@ -44,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .experts import register, shared_expert
+from .experts import dense_experts, register, shared_expert
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
@@ -1025,10 +1033,32 @@ def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None)
     return x.new_empty(T, _slots(T, a, ms, down.shape[2], down.shape[0]), x.shape[1])
 
 
+DENSE_MIN_TOKENS = 256  # the dense path from this many tokens (H200: below, the grouped path is faster)
+DENSE_MAX_WORK = 512  # ... while tokens x (all neurons / active neurons) is at most this (H200 sweep)
+
+
+def use_dense(T: int, active: int, total: int) -> bool:
+    """Whether ``dense_experts`` (cuBLAS on every neuron, the routing as a mask) serves T tokens
+    of a layer with ``active`` of ``total`` neurons in use per token: from DENSE_MIN_TOKENS, while
+    the FLOPs it multiplies (total / active times those needed) stay under DENSE_MAX_WORK tokens'
+    worth. On the H200 that is a layer with 3/4 or 1/2 of its neurons active at 256 tokens, where
+    the grouped kernels' GEMMs run far below cuBLAS's rate (``bench_experts.py --paths``)."""
+    return T >= DENSE_MIN_TOKENS and T * total <= DENSE_MAX_WORK * active
+
+
 @register("triton")
 def triton_experts(x, idx, weight, gate_up, down, act: str, shared_gate_up=None, shared_down=None) -> torch.Tensor:
     """Triton kernels: a GEMV over the selected experts for few pairs, a grouped GEMM beyond;
     with ``shared_gate_up [2ms, d]`` / ``shared_down [d, ms]``, the shared expert is added
-    (folded into the same kernels for up to ``SHARED_FOLD_MAX_TOKENS`` tokens)."""
-    y = triton_experts_op(x, idx, weight, gate_up, down, activations.canonical(act), shared_gate_up, shared_down)
+    (folded into the same kernels for up to ``SHARED_FOLD_MAX_TOKENS`` tokens). For the batches
+    of ``use_dense``, cuBLAS on every expert with the routing as a mask (``dense_experts``),
+    as plain torch ops, so that a compiled model fuses the elementwise work around the GEMMs."""
+    T, a = idx.shape
+    E, m = down.shape[0], down.shape[2]
+    ms = 0 if shared_down is None else shared_down.shape[1]
+    act = activations.canonical(act)
+    if a > 0 and use_dense(T, ms + a * m, ms + E * m):
+        y = dense_experts(x, idx, weight, gate_up, down, act)
+        return y + shared_expert(x, shared_gate_up, shared_down, act) if ms else y
+    y = triton_experts_op(x, idx, weight, gate_up, down, act, shared_gate_up, shared_down)
     return y[:, 0] if y.shape[1] == 1 else y.sum(1)  # bf16 too: summed in float32, rounded once
