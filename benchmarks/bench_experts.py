@@ -64,7 +64,7 @@ def make_moe(d, f, preset, dtype=torch.bfloat16):
     cfg = CMoEConfig.parse(preset)  # the default recipe's router
     m = f // cfg.experts
     spec = MoELayerSpec(d, cfg.shared * m, cfg.experts - cfg.shared, m, cfg.active, "silu", cfg.router)
-    moe = CMoEMLP(spec).cuda().to(dtype)
+    moe = CMoEMLP(spec, impl="triton").cuda().to(dtype)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(std=0.02)
@@ -122,8 +122,6 @@ def main(argv=None) -> int:
     print(f"# {torch.cuda.get_device_name()} shape {args.shape} d={d} f={f}; times per layer (us)")
     for preset in args.configs:
         layers = [make_moe(d, f, preset) for _ in range(args.copies)]
-        for lay in layers:
-            lay.impl = "triton"
         s = layers[0].spec
         print(f"\n## {preset}: shared {s.shared_size}, {s.num_experts} x {s.expert_size}, top {s.top_k}")
         print("T | dense | moe | ratio | bytes-limit | router | experts | experts(gemv) | experts(grouped) | shared | torch-grouped(ev) | err")
@@ -316,8 +314,6 @@ def sweep_masked(args) -> int:
     print(f"# paths of the whole layer {torch.cuda.get_device_name()} {args.shape}; us per layer")
     for preset in args.configs:
         layers = [make_moe(d, f, preset) for _ in range(args.copies)]
-        for lay in layers:
-            lay.impl = "triton"
         s = layers[0].spec
         S = -(-s.shared_size // s.expert_size)
         for T in args.tokens:

@@ -68,7 +68,8 @@ def dense_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     """Every expert on every token, the routing as a mask: one GEMM over all experts' gate/up
     rows, each token's activations of expert e scaled by its weight for e (0 if it did not choose
     e), one batched GEMM over the experts' down projections. More FLOPs than needed, the same bytes
-    once the routing touches every expert: the fastest path at batch 128-256 (cuBLAS), no sort."""
+    once the routing touches every expert, no sort; on an H200 the fastest path at 256 tokens for
+    layers with half or more of their neurons active (``cmoe.triton_experts.use_dense``)."""
     T = x.shape[0]
     E, m = gate_up.shape[0], down.shape[2]
     coef = torch.zeros(T, E, device=x.device, dtype=torch.float32).scatter_(1, idx, weight.float())  # [T, E]
