@@ -347,9 +347,8 @@ def sweep_masked(args) -> int:
                 def masked_t(cfg):
                     def call(lay):
                         sh = (lay.shared_gate_up.weight, lay.shared_down.weight) if S else None
-                        r = lay.router
-                        router = (r.gate, r.up, r.bias, r.scale, False) if hasattr(r, "gate") else (r.weight, r.weight, r.bias, r.scale, True)
-                        return te._masked_moe(x, lay.experts.gate_up_proj, lay.experts.down_proj, sh, router, "silu", s.top_k, cfg).sum(1)
+                        return te._masked_moe(x, lay.experts.gate_up_proj, lay.experts.down_proj, sh, te.router_args(lay.router),
+                                              "silu", s.top_k, cfg).sum(1)
 
                     try:
                         out = call(layers[0]).float()

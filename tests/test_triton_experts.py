@@ -349,13 +349,9 @@ def test_grad_falls_back_to_torch():
 # ----------------------------------------------------------------------------- masked path (the whole layer)
 def _masked(mod, x, cfg=None):
     """The masked path's output for a CMoEMLP ``mod``: router and experts in two kernels."""
-    r = mod.router
-    linear = mod.spec.router == "linear"
-    rg, ru = (r.weight, r.weight) if linear else (r.gate, r.up)
-    S = -(-mod.spec.shared_size // mod.spec.expert_size)
-    shared = (mod.shared_gate_up.weight, mod.shared_down.weight) if S else None
-    return te._masked_moe(x, mod.experts.gate_up_proj, mod.experts.down_proj, shared,
-                          (rg, ru, r.bias, r.scale, linear), mod.spec.act, mod.spec.top_k, cfg)
+    shared = (mod.shared_gate_up.weight, mod.shared_down.weight) if mod.spec.shared_size else None
+    return te._masked_moe(x, mod.experts.gate_up_proj, mod.experts.down_proj, shared, te.router_args(mod.router),
+                          mod.spec.act, mod.spec.top_k, cfg)
 
 
 def _biased(mod, seed=0):
@@ -411,7 +407,7 @@ def test_masked_op_fake_matches_real():
     x = torch.randn(7, 36).to(DEVICE)
     r = mod.router
     args = (x, mod.experts.gate_up_proj.detach(), mod.experts.down_proj.detach(), mod.shared_gate_up.weight.detach(),
-            mod.shared_down.weight.detach(), r.gate.detach(), r.up.detach(), r.bias, r.scale.detach(), "silu", 2, False)
+            mod.shared_down.weight.detach(), r.gate.detach(), r.up.detach(), r.bias, r.scale.detach(), False, "silu", 2)
     torch.library.opcheck(te.triton_masked_op, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -349,9 +349,10 @@ FEW_CONFIG = {"gate_up": (32, 256, 4, 3), "down": (32, 256, 4, 3)}  # (BN, BK, n
 FEW_DOWN_GROUPS = 4  # the down kernel splits the experts into this many groups, one output slot each (H200 sweep)
 
 
-def _few_groups(S: int, E: int, groups: int | None = None) -> tuple[int, int]:
-    """(K, GS): the few-token down kernel's output slots and virtual experts per slot."""
-    gs = triton.cdiv(S + E, min(groups or FEW_DOWN_GROUPS, S + E))
+def _expert_groups(S: int, E: int, groups: int) -> tuple[int, int]:
+    """(K, GS): a down kernel's output slots and virtual experts per slot, for the S + E virtual
+    experts split into at most ``groups`` groups (few-token and masked paths)."""
+    gs = triton.cdiv(S + E, min(groups, S + E))
     return triton.cdiv(S + E, gs), gs
 
 
@@ -364,7 +365,7 @@ def _few_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = Non
     ms, S = _shared_pieces(shared, m)
     sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
     h = torch.empty(T, S + E, m, device=x.device, dtype=x.dtype)
-    K, gs = _few_groups(S, E, cfg.get("groups"))
+    K, gs = _expert_groups(S, E, cfg.get("groups", FEW_DOWN_GROUPS))
     out = torch.empty(T, K, d, device=x.device, dtype=x.dtype)
     tp = max(16, triton.next_power_of_2(T))
     ap = triton.next_power_of_2(a)
@@ -728,7 +729,7 @@ def triton_route_op(
     if T == 0:
         return idx, wt, p
     x, gate, up = x.contiguous(), gate.contiguous(), up.contiguous()
-    ieee = gate.dtype == torch.float32 or x.dtype == torch.float32 or gate.dtype != x.dtype
+    ieee = _router_ieee(x, gate)
     be = max(16, triton.next_power_of_2(E))
     upcast = _INTERPRET and not ieee
     code = _ACT_CODE[act]
@@ -766,13 +767,24 @@ def _(x, gate, up, bias, scale, act, top_k, linear=False):
     )
 
 
+def router_args(router) -> tuple:
+    """(gate, up, bias, scale, linear): the router's tensors as the router kernels take them; a
+    ``LinearRouter``'s weight is both gate and up (up is not read), an ``AnalyticalRouter`` has both."""
+    if hasattr(router, "weight"):  # LinearRouter
+        return router.weight, router.weight, router.bias, router.scale, True
+    return router.gate, router.up, router.bias, router.scale, False
+
+
+def _router_ieee(x: torch.Tensor, gate: torch.Tensor) -> bool:
+    """The router's scores with exact float32 products: float32 inputs, or mixed dtypes."""
+    return gate.dtype == torch.float32 or x.dtype == torch.float32 or gate.dtype != x.dtype
+
+
 def fused_route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``router(x)`` of an ``AnalyticalRouter`` or a ``LinearRouter`` in one kernel (two for few
     tokens): (idx [T, a], weight [T, a], probs [T, E])."""
-    act = activations.canonical(router.act)
-    if hasattr(router, "weight"):  # LinearRouter
-        return triton_route_op(x, router.weight, router.weight, router.bias, router.scale, act, router.top_k, True)
-    return triton_route_op(x, router.gate, router.up, router.bias, router.scale, act, router.top_k)
+    gate, up, bias, scale, linear = router_args(router)
+    return triton_route_op(x, gate, up, bias, scale, activations.canonical(router.act), router.top_k, linear)
 
 
 # ----------------------------------------------------------------------------- masked path: the whole layer
@@ -877,17 +889,11 @@ def use_masked(T: int, a: int, S: int, E: int) -> bool:
     return 2 / 3 * E * (1 - a / E) ** T / (S + E) <= MASKED_MAX_WASTE
 
 
-def _masked_groups(S: int, E: int, groups: int) -> tuple[int, int]:
-    """(K, GS): the masked down kernel's output slots and virtual experts per slot."""
-    gs = triton.cdiv(S + E, min(groups, S + E))
-    return triton.cdiv(S + E, gs), gs
-
-
 @torch.library.custom_op("cmoe::triton_masked_moe", mutates_args=())
 def triton_masked_op(
     x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, shared_gate_up: torch.Tensor | None,
     shared_down: torch.Tensor | None, router_gate: torch.Tensor, router_up: torch.Tensor, bias: torch.Tensor,
-    scale: torch.Tensor, act: str, top_k: int, linear: bool,
+    scale: torch.Tensor, linear: bool, act: str, top_k: int,
 ) -> torch.Tensor:
     """The whole CMoE FFN (router, shared and routed experts) on the masked path: [T, K, d],
     whose sum over K is the output (K groups of virtual experts)."""
@@ -896,10 +902,10 @@ def triton_masked_op(
 
 
 @triton_masked_op.register_fake
-def _(x, gate_up, down, shared_gate_up, shared_down, router_gate, router_up, bias, scale, act, top_k, linear):
+def _(x, gate_up, down, shared_gate_up, shared_down, router_gate, router_up, bias, scale, linear, act, top_k):
     m = down.shape[2]
     S = 0 if shared_down is None else triton.cdiv(shared_down.shape[1], m)
-    K = _masked_groups(S, down.shape[0], masked_config(x.shape[0])["groups"])[0]
+    K = _expert_groups(S, down.shape[0], masked_config(x.shape[0])["groups"])[0]
     return x.new_empty(x.shape[0], K, x.shape[1])
 
 
@@ -919,12 +925,12 @@ def _masked_moe(x, gate_up, down, shared, router, act: str, top_k: int, cfg: dic
     be = max(16, triton.next_power_of_2(E))
     scores = torch.empty(2, tiles * bt, be, device=x.device, dtype=torch.float32)
     h = torch.empty(T, S + E, m, device=x.device, dtype=x.dtype)
-    K, gs = _masked_groups(S, E, cfg["groups"])
+    K, gs = _expert_groups(S, E, cfg["groups"])
     out = torch.empty(T, K, d, device=x.device, dtype=x.dtype)
     if T == 0:
         return out
     ieee = x.dtype == torch.float32
-    r_ieee = rg.dtype == torch.float32 or ieee or rg.dtype != x.dtype
+    r_ieee = _router_ieee(x, rg)
     upcast = _INTERPRET and not ieee
     code = _ACT_CODE[act]
     bn, bk, nw, ns = cfg["gate_up"]
@@ -950,12 +956,9 @@ def masked_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
     S = triton.cdiv(spec.shared_size, m)
     if not use_masked(x.shape[0], spec.top_k, S, spec.num_experts):
         return None
-    r = layer.router
-    linear = hasattr(r, "weight")  # LinearRouter
-    rg, ru = (r.weight, r.weight) if linear else (r.gate, r.up)
     sgu, sd = (layer.shared_gate_up.weight, layer.shared_down.weight) if S else (None, None)
-    y = triton_masked_op(x, layer.experts.gate_up_proj, layer.experts.down_proj, sgu, sd, rg, ru, r.bias, r.scale,
-                         activations.canonical(spec.act), spec.top_k, linear)
+    y = triton_masked_op(x, layer.experts.gate_up_proj, layer.experts.down_proj, sgu, sd, *router_args(layer.router),
+                         activations.canonical(spec.act), spec.top_k)
     return y.sum(1)  # bf16 too: summed in float32, rounded once
 
 
@@ -989,7 +992,7 @@ def _slots(T: int, a: int, ms: int, m: int, E: int) -> int:
     path, S = _plan(T, a, ms, m)
     if T == 0 or a == 0 or path == "gemv":
         return 1
-    return S + a if path == "grouped" else _few_groups(S, E)[0]
+    return S + a if path == "grouped" else _expert_groups(S, E, FEW_DOWN_GROUPS)[0]
 
 
 @torch.library.custom_op("cmoe::triton_experts", mutates_args=())
