@@ -2,8 +2,8 @@
 
     python benchmarks/bench_experts.py [--shape llama2-7b] [--configs S1A1E8 ...] [--tokens 1 8 ...]
 
-``--paths`` times the whole layer on each path (masked, dense, grouped/few-token/GEMV) and on
-the one the layer picks; ``--masked`` also sweeps the masked path's tiles; ``--sweep`` sweeps the
+``--paths`` times the whole layer on each path (masked, dense, grouped_mm, Triton
+grouped/few-token/GEMV) and on the one the layer picks; ``--masked`` also sweeps the masked path's tiles; ``--sweep`` sweeps the
 expert kernels' tiles; ``--kernels`` adds a per-kernel profile.
 
 Each timing replays a CUDA graph that runs ``--copies`` layer copies in sequence (so the
@@ -241,7 +241,7 @@ def sweep(args) -> int:
             x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 idx, w, _ = te.fused_route(layers[0].router, x)
-                path, S = te._plan(T, s.top_k, s.shared_size, s.expert_size)  # what triton_experts_op runs for T
+                path, S = te._plan(T, s.top_k, s.shared_size, s.expert_size, s.num_experts)  # what triton_experts_op runs for T
                 fold = S > 0  # the shared expert inside the kernels, in S pieces
 
                 def sh(lay):
@@ -331,17 +331,24 @@ def sweep_masked(args) -> int:
                 return graph_ms(run) / args.copies * 1e3
 
             with torch.no_grad():
-                keep = te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK
+                keep = te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS, te.SHARED_FOLD_MAX_TOKENS
                 try:
-                    te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK = 0, 0  # the grouped, few-token or GEMV path
+                    # the Triton grouped, few-token or GEMV path
+                    te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS = 0, 0, 1 << 30
                     ref = layers[0](x).float()
                     t_other = t_of(lambda lay: lay(x))
                     te.DENSE_MAX_WORK = 1 << 30  # the dense path (cuBLAS, every neuron, masked)
                     out = layers[0](x).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     t_dense = t_of(lambda lay: lay(x)) if err < 1e-2 else float("nan")
+                    t_gmm = err_gmm = float("nan")
+                    if T > te.FEW_MAX_TOKENS:  # torch._grouped_mm for the routed experts, cuBLAS for the shared one
+                        te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS, te.SHARED_FOLD_MAX_TOKENS = 0, 0, 0
+                        out = layers[0](x).float()
+                        err_gmm = ((out - ref).norm() / ref.norm()).item()
+                        t_gmm = t_of(lambda lay: lay(x)) if err_gmm < 1e-2 else float("nan")
                 finally:
-                    te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK = keep
+                    te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS, te.SHARED_FOLD_MAX_TOKENS = keep
                 t_used = t_of(lambda lay: lay(x))  # what the layer runs now
 
                 def masked_t(cfg):
@@ -376,9 +383,11 @@ def sweep_masked(args) -> int:
                     res.append((masked_t(cfg), cfg))
                 res.sort(key=lambda r: r[0])
             path = "masked" if te.use_masked(T, s.top_k, S, s.num_experts) else (
-                "dense" if te.use_dense(T, s.active_size, s.intermediate_size) else "other")
+                "dense" if te.use_dense(T, s.active_size, s.intermediate_size) else
+                te._plan(T, s.top_k, s.shared_size, s.expert_size, s.num_experts, te.grouped_mm_ok(x, d, s.expert_size))[0])
             print(f"{preset} T={T}: grouped/few/gemv {t_other:.1f} us, dense {t_dense:.1f} us (err {err:.1e}), "
-                  f"masked {t_cur:.1f} us; in use ({path}) {t_used:.1f} us" + ("; best masked:" if res else ""))
+                  f"grouped_mm {t_gmm:.1f} us (err {err_gmm:.1e}), masked {t_cur:.1f} us; in use ({path}) {t_used:.1f} us"
+                  + ("; best masked:" if res else ""))
             for t, cfg in res[:3]:
                 print(f"   {t:7.1f} us  {cfg}", flush=True)
         del layers

@@ -448,3 +448,49 @@ def test_dense_path_is_chosen_for_large_batches_of_mostly_active_layers(monkeypa
     out = experts.run_experts("triton", x, idx, w, gu, dn, "swish", shared=(sgu, sd))
     ref = oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+# ----------------------------------------------------------------------------- grouped_mm path (prefill)
+@pytest.mark.parametrize("T,a,E", [(1, 1, 4), (1, 3, 5), (37, 3, 6), (70, 2, 9)])
+def test_grouped_mm_path_matches_loop(T, a, E):
+    """torch._grouped_mm for the routed experts, our kernels for the glue: one token (most experts
+    unused), odd counts, experts that receive no token, every activation."""
+    for act in ACTS:
+        x, idx, w, gu, dn = problem(T, a, E, d=48, m=24, dtype=torch.bfloat16, seed=T + a, empty=2 if E > 4 else 1)
+        out = te._grouped_mm_experts(x, idx, w.float(), gu, dn, act)
+        assert out.dtype == torch.bfloat16
+        assert rel_err(out, oracle(x, idx, w, gu, dn, act)) < TOL[torch.bfloat16]
+
+
+def _prefill_sizes(monkeypatch, tokens: int) -> None:
+    """Small stand-ins for prefill: the grouped_mm path (and cuBLAS for the shared expert) from ``tokens``."""
+    monkeypatch.setattr(te, "SHARED_FOLD_MAX_TOKENS", tokens - 1)
+    monkeypatch.setattr(te, "GROUPED_MM_MIN_ROWS", 1)
+
+
+def test_grouped_mm_path_in_the_op_adds_the_shared_expert(monkeypatch):
+    _prefill_sizes(monkeypatch, 20)
+    x, idx, w, gu, dn = problem(23, 2, 7, d=48, m=24, dtype=torch.bfloat16, seed=12, empty=2)
+    sgu, sd = _shared(30, d=48, dtype=torch.bfloat16, seed=12)
+    assert te._plan(23, 2, 30, 24, 7, te.grouped_mm_ok(x, 48, 24)) == ("grouped_mm", 0)
+    y = te.triton_experts_op(x, idx, w, gu, dn, "gelu_tanh", sgu, sd)
+    assert y.shape == (23, 1, 48)  # one output per token: the op sums the slots itself
+    ref = oracle(x, idx, w, gu, dn, "gelu_tanh") + shared_oracle(x, sgu, sd, "gelu_tanh")
+    assert rel_err(experts.run_experts("triton", x, idx, w, gu, dn, "gelu_tanh", shared=(sgu, sd)), ref) < TOL[torch.bfloat16]
+    torch.library.opcheck(te.triton_experts_op, (x, idx, w, gu, dn, "gelu_tanh", sgu, sd),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_grouped_mm_path_only_where_the_gemm_serves(monkeypatch):
+    """bf16 with 16-byte aligned rows only; float32 and odd widths keep the Triton grouped kernels."""
+    _prefill_sizes(monkeypatch, 20)
+    x = torch.zeros(2, 48, device=DEVICE, dtype=torch.bfloat16)
+    assert te.grouped_mm_ok(x, 48, 24)
+    assert not te.grouped_mm_ok(x.float(), 48, 24) and not te.grouped_mm_ok(x, 36, 24) and not te.grouped_mm_ok(x, 48, 20)
+    assert te._plan(19, 2, 30, 24, 7, True)[0] == "grouped" and te._plan(20, 2, 0, 24, 7, False)[0] == "grouped"
+    monkeypatch.setattr(te, "GROUPED_MM_MIN_ROWS", 640)
+    assert te._plan(2048, 3, 30, 24, 5, True)[0] == "grouped_mm" and te._plan(2048, 1, 30, 24, 7, True)[0] == "grouped"
+    x, idx, w, gu, dn = problem(23, 2, 7, d=36, m=20, dtype=torch.bfloat16, seed=13)  # unaligned: Triton kernels,
+    y = te.triton_experts_op(x, idx, w, gu, dn, "silu")  # slots summed in the op beyond SHARED_FOLD_MAX_TOKENS
+    assert y.shape == (23, 1, 36) and rel_err(y[:, 0], oracle(x, idx, w, gu, dn, "silu")) < TOL[torch.bfloat16]
+

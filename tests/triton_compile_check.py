@@ -71,6 +71,12 @@ def cases():
                 bn, bk, _, _ = cfg["down"]
                 yield (f"masked_down {dt} S={S} T<={limit}", te._masked_down, mptrs,
                        dict(A=3, S=S, K=4, ACT=0, BT=bt, BN=bn, BK=bk, BE=16, LINEAR=linear, **upcast_ieee))
+    gptrs = {"x": "*bf16", "pos_ptr": "*i64", "wt_ptr": "*fp32"}  # the glue of the prefill paths
+    for act in range(len(te._ACT_CODE)):
+        yield (f"glu_rows *bf16 act={act}", te._glu_rows, gptrs, dict(ACT=act, BM=1024))
+    for pos, extra in ((True, False), (True, True), (False, True), (False, False)):  # grouped_mm path; grouped path
+        yield (f"sum_rows *bf16 pos={pos} extra={extra}", te._sum_rows, gptrs,
+               dict(A=3, POS=pos, WEIGHT=pos, EXTRA=extra, BD=1024))
     for S in (0, 3):
         yield (f"align S={S}", te._align_kernel, {"x": "*i32", "idx_ptr": "*i64"},
                dict(A=3, S=S, BT=64, CHUNK=512, EB=16, TB=512))

@@ -181,7 +181,7 @@ def touched_experts(model, batch: int, prompt_len: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- checks
 @torch.no_grad()
-def check_fast_path(model, tokens=(1, 3, 17, 129, 300)) -> float:
+def check_fast_path(model, tokens=(1, 3, 17, 129, 300, 2048)) -> float:
     """Max relative error of the MoE layers' default forward vs the loop oracle on random
     hidden states of a few token counts; also checks the fused router against the torch one
     (same probabilities, same experts up to ties)."""

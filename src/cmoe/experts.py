@@ -106,7 +106,8 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM: rows ``offs[e-1]:offs[e]`` of ``a [R, k]`` times ``b[e] [k, n]``."""
     fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs)
 
@@ -120,8 +121,8 @@ def grouped_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     order = flat.argsort(stable=True)
     tok = order // a  # token of each sorted pair
     offs = expert_counts(flat, E).cumsum(0).to(torch.int32)  # [E]
-    h = _glu(_grouped_mm(x[tok], gate_up.transpose(1, 2), offs), act)  # [T*a, m]
-    y = _grouped_mm(h, down.transpose(1, 2), offs)  # [T*a, d]
+    h = _glu(grouped_mm(x[tok], gate_up.transpose(1, 2), offs), act)  # [T*a, m]
+    y = grouped_mm(h, down.transpose(1, 2), offs)  # [T*a, d]
     y = y * weight.reshape(-1)[order, None].to(y.dtype)
     return torch.zeros_like(x).index_add_(0, tok, y)
 

@@ -18,6 +18,9 @@ Three expert paths, chosen from static shapes (so a decode step captures in a CU
   tiles of ``BT`` rows (``align``: one Triton program for moderate counts, sort-based torch ops
   beyond); ``_grouped_gate_up`` is a grouped GEMM with gate and up fused and the activation in
   the epilogue; ``_grouped_down`` multiplies by the routing weight and writes each pair's row.
+- prefill in bf16 on Hopper, once every expert gets ``GROUPED_MM_MIN_ROWS`` rows on average:
+  torch's grouped GEMM (``torch._grouped_mm``, CUTLASS) for both projections, with our kernels
+  for the glue (the activation, and each token's weighted sum plus the shared expert in one pass).
 
 Given the shared expert's weights too, every path computes the whole FFN: the shared expert's
 neurons become ``S = ceil(ms / m)`` extra pieces that every token selects with weight 1, so a
@@ -52,7 +55,7 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .experts import dense_experts, register, shared_expert
+from .experts import dense_experts, expert_counts, grouped_mm, register, shared_expert
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
@@ -430,6 +433,13 @@ def _align_kernel(
         tl.store(tile_expert_ptr + tt, tl.where(e < NE, e, -1), mask=tt < max_tiles)
 
 
+def sort_by_expert(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Stable order of the pairs ``flat [P]`` (expert ids) by expert, on the device. The keys are
+    sorted as 16-bit integers: a radix sort then takes 2 passes instead of 8."""
+    keys = flat.to(torch.int16 if num_experts <= 2**15 else torch.int32)
+    return keys.argsort(stable=True)
+
+
 def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(token, slot) pairs grouped by expert and padded to tiles of ``bt`` rows.
 
@@ -461,7 +471,7 @@ def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tupl
     counts = torch.zeros(NE, device=idx.device, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
     ntiles = (counts + bt - 1) // bt
     tile_end = ntiles.cumsum(0)  # [NE]
-    order = flat.argsort(stable=True)  # [P]
+    order = sort_by_expert(flat, NE)  # [P]
     se = flat[order]
     rank = torch.arange(P, device=idx.device) - (counts.cumsum(0) - counts)[se]
     dest = (tile_end - ntiles)[se] * bt + rank
@@ -587,6 +597,97 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
     return y.view(T, S + a, d)  # the output of each slot: the caller sums them
 
 
+# ----------------------------------------------------------------------------- grouped_mm path (prefill)
+# Many tokens in bf16 on a GPU with torch's grouped GEMM (CUTLASS on Hopper): the pairs sorted by
+# expert, x's rows gathered into that order, ``torch._grouped_mm`` for gate/up, the activation,
+# ``torch._grouped_mm`` for down, then each token's rows summed with its routing weights (and the
+# shared expert's output, computed by cuBLAS) in one pass. Only the glue is ours.
+GROUPED_MM_MIN_ROWS = 640  # from this many (token, expert) pairs per routed expert, on average (H200 sweep)
+
+
+def grouped_mm_ok(x: torch.Tensor, d: int, m: int) -> bool:
+    """Whether ``torch._grouped_mm`` serves these experts: bf16, 16-byte aligned rows, and on a GPU
+    a Hopper or newer one (its CUTLASS kernels), or the CPU (in the interpreter, for the tests)."""
+    if x.dtype != torch.bfloat16 or d % 8 or m % 8 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.device.type == "cpu" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+@triton.jit
+def _glu_rows(gu_ptr, h_ptr, m, ACT: tl.constexpr, BM: tl.constexpr):
+    """h[r] = act(g) * u with [g; u] = gu[r] (one row of [R, 2m], gate columns first)."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BM + tl.arange(0, BM)
+    ok = cols < m
+    g = tl.load(gu_ptr + r * 2 * m + cols, mask=ok).to(tl.float32)
+    u = tl.load(gu_ptr + r * 2 * m + m + cols, mask=ok).to(tl.float32)
+    tl.store(h_ptr + r * m + cols, (_act(g, ACT) * u).to(h_ptr.dtype.element_ty), mask=ok)
+
+
+def glu(gu: torch.Tensor, act: str) -> torch.Tensor:
+    """act(g) * u for the rows [g; u] of ``gu [R, 2m]``, in one pass."""
+    R, m = gu.shape[0], gu.shape[1] // 2
+    h = torch.empty(R, m, device=gu.device, dtype=gu.dtype)
+    if R:
+        _glu_rows[(R, triton.cdiv(m, 1024))](gu, h, m, ACT=_ACT_CODE[act], BM=1024)
+    return h
+
+
+def dense_expert(x, gate_up, down, act: str) -> torch.Tensor:
+    """``cmoe.experts.shared_expert`` with cuBLAS for the GEMMs and one kernel for the activation."""
+    return glu(x @ gate_up.T, act) @ down.T
+
+
+@triton.jit
+def _sum_rows(y_ptr, pos_ptr, wt_ptr, extra_ptr, out_ptr, d,
+              A: tl.constexpr, POS: tl.constexpr, WEIGHT: tl.constexpr, EXTRA: tl.constexpr, BD: tl.constexpr):
+    """out[t] = extra[t] + sum_k wt[t, k] * y[pos[t, k]], in float32, rounded once. Without POS the
+    rows are t * A + k, without WEIGHT the weights 1, without EXTRA no extra."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    ok = cols < d
+    acc = tl.zeros((BD,), tl.float32)
+    if EXTRA:
+        acc += tl.load(extra_ptr + t * d + cols, mask=ok).to(tl.float32)
+    for k in tl.static_range(A):
+        r = t * A + k
+        if POS:
+            r = tl.load(pos_ptr + r).to(tl.int64)
+        yk = tl.load(y_ptr + r * d + cols, mask=ok).to(tl.float32)
+        if WEIGHT:
+            yk *= tl.load(wt_ptr + t * A + k)
+        acc += yk
+    tl.store(out_ptr + t * d + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_rows(y: torch.Tensor, a: int, pos=None, weight=None, extra=None) -> torch.Tensor:
+    """[T, d]: out[t] = extra[t] + sum_k weight[t, k] * y[pos[t, k]] for y [R, d]; pos None: row
+    t * a + k; weight None: 1; extra None: 0."""
+    d = y.shape[1]
+    T = pos.numel() // a if pos is not None else y.shape[0] // a
+    out = torch.empty(T, d, device=y.device, dtype=y.dtype)
+    if T:
+        _sum_rows[(T, triton.cdiv(d, 1024))](
+            y, pos if pos is not None else y, weight if weight is not None else y, extra if extra is not None else y,
+            out, d, A=a, POS=pos is not None, WEIGHT=weight is not None, EXTRA=extra is not None, BD=1024,
+        )
+    return out
+
+
+def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None) -> torch.Tensor:
+    """[T, d]: the routed experts through two ``torch._grouped_mm`` calls, plus ``extra`` [T, d]
+    (the shared expert's output) if given. Static shapes, no host sync."""
+    T, a = idx.shape
+    E = down.shape[0]
+    flat = idx.reshape(-1)
+    order = sort_by_expert(flat, E)  # [P]: the pairs, by expert
+    ends = expert_counts(idx, E).cumsum(0).to(torch.int32)  # end row of each expert's group
+    gu = grouped_mm(x.index_select(0, order // a), gate_up.transpose(1, 2), ends)  # [P, 2m]
+    y = grouped_mm(glu(gu, act), down.transpose(1, 2), ends)  # [P, d]
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))  # row of each pair
+    return sum_rows(y, a, pos, weight, extra)
+
+
 # ----------------------------------------------------------------------------- fused router
 @triton.jit
 def _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, k_start, k_stop,
@@ -710,7 +811,7 @@ def _route_reduce_kernel(
     _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E, A, ACT, BE, LINEAR)
 
 
-ROUTE_SPLIT_MAX_TOKENS = 256  # up to this many tokens: scores split over slices of d (two kernels)
+ROUTE_SPLIT_MAX_TOKENS = 4096  # up to this many tokens: scores split over slices of d (two kernels; fills the GPU)
 ROUTE_SPLIT_K = 256  # columns of d per slice
 
 
@@ -976,21 +1077,25 @@ def _check(x, idx, weight, gate_up, down, act):
 SHARED_FOLD_MAX_TOKENS = 256  # up to this many tokens the shared expert runs inside the expert kernels (H200 sweep)
 
 
-def _plan(T: int, a: int, ms: int, m: int) -> tuple[str, int]:
-    """(path, S) for T tokens, top-a routing and a shared expert of width ms (0: none): the
-    kernels that run, and how many m-wide shared pieces they fold in (0: cuBLAS runs the shared
-    expert, or there is none)."""
+def _plan(T: int, a: int, ms: int, m: int, E: int, gmm: bool = False) -> tuple[str, int]:
+    """(path, S) for T tokens, top-a routing over E experts and a shared expert of width ms (0:
+    none): the kernels that run, and how many m-wide shared pieces they fold in (0: cuBLAS runs the
+    shared expert, or there is none). ``gmm``: ``torch._grouped_mm`` serves these experts
+    (``grouped_mm_ok``); it is used once the experts get GROUPED_MM_MIN_ROWS rows each on average."""
     S = triton.cdiv(ms, m) if a > 0 and T <= SHARED_FOLD_MAX_TOKENS else 0
     if T * a <= GEMV_MAX_PAIRS:
         return "gemv", S
-    return ("few" if T <= FEW_MAX_TOKENS else "grouped"), S
+    if T <= FEW_MAX_TOKENS:
+        return "few", S
+    return ("grouped_mm" if gmm and S == 0 and T * a >= GROUPED_MM_MIN_ROWS * E else "grouped"), S
 
 
-def _slots(T: int, a: int, ms: int, m: int, E: int) -> int:
-    """The op's middle dimension: one output per (token, slot) on the grouped path, one per
-    group of experts on the few-token path, one per token on the GEMV path."""
-    path, S = _plan(T, a, ms, m)
-    if T == 0 or a == 0 or path == "gemv":
+def _slots(T: int, a: int, ms: int, m: int, E: int, gmm: bool = False) -> int:
+    """The op's middle dimension: one output per (token, slot) on the grouped path up to
+    SHARED_FOLD_MAX_TOKENS tokens (decode: a compiled model fuses their sum into the next kernel),
+    one per group of experts on the few-token path, else one per token (summed in the op)."""
+    path, S = _plan(T, a, ms, m, E, gmm)
+    if T == 0 or a == 0 or path in ("gemv", "grouped_mm") or T > SHARED_FOLD_MAX_TOKENS:
         return 1
     return S + a if path == "grouped" else _expert_groups(S, E, FEW_DOWN_GROUPS)[0]
 
@@ -1001,29 +1106,34 @@ def triton_experts_op(
     shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts, plus the shared expert when its weights are given: [T, K, d], whose sum
-    over K is the FFN output (``_slots``). The grouped path returns each slot's output and the
-    few-token path one partial sum per group of experts; the caller sums them, so that a compiled
-    model fuses the sum into the next kernel."""
+    over K is the FFN output (``_slots``). Up to SHARED_FOLD_MAX_TOKENS tokens the grouped path
+    returns each slot's output and the few-token path one partial sum per group of experts; the
+    caller sums them, so that a compiled model fuses the sum into the next kernel. Beyond (prefill),
+    the op sums them itself, with the shared expert's output, in one pass (K = 1)."""
     _check(x, idx, weight, gate_up, down, act)
     T, a = idx.shape
     m = down.shape[2]
     ms = 0 if shared_down is None else shared_down.shape[1]
     if T == 0 or (a == 0 and ms == 0):
         return x.new_zeros(T, 1, x.shape[1])
-    path, S = _plan(T, a, ms, m)
+    path, S = _plan(T, a, ms, m, down.shape[0], grouped_mm_ok(x, x.shape[1], m))
     x, idx, weight = x.contiguous(), idx.contiguous(), weight.contiguous().float()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if ms else None
-    extra = shared_expert(x, *shared, act) if ms and not S else None  # prefill: cuBLAS does the dense part best
+    extra = dense_expert(x, *shared, act) if ms and not S else None  # prefill: cuBLAS does the dense part best
     if a == 0:
         return extra[:, None]
     fold = shared if S else None
+    if path == "grouped_mm":
+        return _grouped_mm_experts(x, idx, weight, gate_up, down, act, extra)[:, None]
     if path == "gemv":
         out = _gemv_experts(x, idx, weight, gate_up, down, act, shared=fold)[:, None]
     elif path == "few":
         out = _few_experts(x, idx, weight, gate_up, down, act, shared=fold)
     else:
         out = _grouped_experts(x, idx, weight, gate_up, down, act, shared=fold)
+        if T > SHARED_FOLD_MAX_TOKENS:  # prefill: the slots and the shared expert summed in one pass
+            return sum_rows(out.view(-1, out.shape[2]), out.shape[1], extra=extra)[:, None]
     if extra is not None:
         out[:, 0] += extra
     return out
@@ -1033,7 +1143,8 @@ def triton_experts_op(
 def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None):
     T, a = idx.shape
     ms = 0 if shared_down is None else shared_down.shape[1]
-    return x.new_empty(T, _slots(T, a, ms, down.shape[2], down.shape[0]), x.shape[1])
+    m = down.shape[2]
+    return x.new_empty(T, _slots(T, a, ms, m, down.shape[0], grouped_mm_ok(x, x.shape[1], m)), x.shape[1])
 
 
 DENSE_MIN_TOKENS = 256  # the dense path from this many tokens (H200: below, the grouped path is faster)
