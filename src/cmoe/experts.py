@@ -106,6 +106,13 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
 
 
+def sort_by_expert(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Stable order of the pairs ``flat [P]`` (expert ids) by expert, on the device. The keys are
+    sorted as 16-bit integers: a radix sort then takes 2 passes instead of 8."""
+    keys = flat.to(torch.int16 if num_experts <= 2**15 else torch.int32)
+    return keys.argsort(stable=True)
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """torch's grouped GEMM: rows ``offs[e-1]:offs[e]`` of ``a [R, k]`` times ``b[e] [k, n]``."""
     fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
@@ -118,7 +125,7 @@ def grouped_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     T, a = idx.shape
     E = gate_up.shape[0]
     flat = idx.reshape(-1)  # [T*a]
-    order = flat.argsort(stable=True)
+    order = sort_by_expert(flat, E)
     tok = order // a  # token of each sorted pair
     offs = expert_counts(flat, E).cumsum(0).to(torch.int32)  # [E]
     h = _glu(grouped_mm(x[tok], gate_up.transpose(1, 2), offs), act)  # [T*a, m]

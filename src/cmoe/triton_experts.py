@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .experts import dense_experts, expert_counts, grouped_mm, register, shared_expert
+from .experts import dense_experts, expert_counts, grouped_mm, register, shared_expert, sort_by_expert
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
@@ -433,13 +433,6 @@ def _align_kernel(
         tl.store(tile_expert_ptr + tt, tl.where(e < NE, e, -1), mask=tt < max_tiles)
 
 
-def sort_by_expert(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Stable order of the pairs ``flat [P]`` (expert ids) by expert, on the device. The keys are
-    sorted as 16-bit integers: a radix sort then takes 2 passes instead of 8."""
-    keys = flat.to(torch.int16 if num_experts <= 2**15 else torch.int32)
-    return keys.argsort(stable=True)
-
-
 def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(token, slot) pairs grouped by expert and padded to tiles of ``bt`` rows.
 
@@ -468,7 +461,7 @@ def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tupl
     if shared:
         flat = torch.cat([torch.arange(shared, device=idx.device, dtype=idx.dtype).expand(T, shared), flat], dim=1)
     flat = flat.reshape(-1)
-    counts = torch.zeros(NE, device=idx.device, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = expert_counts(flat, NE)
     ntiles = (counts + bt - 1) // bt
     tile_end = ntiles.cumsum(0)  # [NE]
     order = sort_by_expert(flat, NE)  # [P]
