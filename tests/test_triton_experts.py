@@ -481,6 +481,32 @@ def test_grouped_mm_path_in_the_op_adds_the_shared_expert(monkeypatch):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")
+@pytest.mark.parametrize("gmm", [True, False], ids=["grouped_mm", "grouped"])
+def test_shared_expert_beside_the_routed_path_in_a_cuda_graph(monkeypatch, gmm):
+    """Prefill sizes: the shared expert runs on a second stream; same output as in order, also
+    replayed from a CUDA graph (the second stream forks from and joins the captured one)."""
+    _prefill_sizes(monkeypatch, 20)
+    if not gmm:
+        monkeypatch.setattr(te, "GROUPED_MM_MIN_ROWS", 10**9)
+    x, idx, w, gu, dn = problem(300, 2, 7, d=64, m=32, dtype=torch.bfloat16, seed=14, empty=1)
+    sgu, sd = _shared(40, d=64, dtype=torch.bfloat16, seed=14)
+    assert te._plan(300, 2, 40, 32, 7, te.grouped_mm_ok(x, 64, 32))[0] == ("grouped_mm" if gmm else "grouped")
+    monkeypatch.setattr(te, "SHARED_STREAM", False)
+    in_order = te.triton_experts_op(x, idx, w, gu, dn, "silu", sgu, sd)
+    monkeypatch.setattr(te, "SHARED_STREAM", True)
+    assert torch.equal(te.triton_experts_op(x, idx, w, gu, dn, "silu", sgu, sd), in_order)
+    ref = oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")
+    assert rel_err(in_order[:, 0], ref) < TOL[torch.bfloat16]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = te.triton_experts_op(x, idx, w, gu, dn, "silu", sgu, sd)
+    x.mul_(-1)  # new input in place; the replay must see it
+    g.replay()
+    monkeypatch.setattr(te, "SHARED_STREAM", False)
+    assert torch.equal(out, te.triton_experts_op(x, idx, w, gu, dn, "silu", sgu, sd))
+
+
 def test_grouped_mm_path_only_where_the_gemm_serves(monkeypatch):
     """bf16 with 16-byte aligned rows only; float32 and odd widths keep the Triton grouped kernels."""
     _prefill_sizes(monkeypatch, 20)

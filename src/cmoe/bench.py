@@ -6,10 +6,11 @@
 For each model shape (random bf16 weights) and each CMoE config (converted with
 ``cmoe.convert_`` on random calibration tokens, so the router is the one the converter
 computes from the hidden states it sees): check the fast MoE path against the loop oracle,
-then time a prefill (eager) and greedy decode steps (``cmoe.generation``: static KV cache,
-decode step compiled with ``mode="reduce-overhead", fullgraph=True``), the same treatment for
-dense and MoE. Per cell: time, ratio to dense, achieved GB/s (decode) or TFLOP/s (prefill),
-and the roofline limit ratio max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy
+then time a prefill (the forward compiled with ``fullgraph=True``, replayed as a CUDA graph;
+attention through SDPA's causal kernel, ``cmoe.attention``) and greedy decode steps
+(``cmoe.generation``: static KV cache, decode step compiled with ``mode="reduce-overhead",
+fullgraph=True``), the same treatment for dense and MoE. Per cell: time, ratio to dense,
+achieved GB/s (decode) or TFLOP/s (prefill), and the roofline limit ratio max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy
 bandwidth BW and the bf16 matmul peak measured at the start of the run, and bytes counting
 only the experts the routing touches in that step.
 """
@@ -67,6 +68,8 @@ def measure_ceilings(device="cuda") -> dict:
 def build_dense(name: str, device="cuda", dtype=torch.bfloat16, layers: int | None = None, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from cmoe.attention import use_causal_sdpa
+
     kw = dict(MODELS[name])
     if layers:
         kw["num_hidden_layers"] = layers
@@ -81,6 +84,7 @@ def build_dense(name: str, device="cuda", dtype=torch.bfloat16, layers: int | No
         torch.set_default_dtype(prev)
     model.generation_config.eos_token_id = None
     model.requires_grad_(False)
+    use_causal_sdpa(model)  # SDPA's causal kernel in the traced prefill (cmoe.attention)
     return model.eval()
 
 
@@ -181,7 +185,7 @@ def touched_experts(model, batch: int, prompt_len: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- checks
 @torch.no_grad()
-def check_fast_path(model, tokens=(1, 3, 17, 129, 300, 2048)) -> float:
+def check_fast_path(model, tokens=(1, 3, 17, 129, 300, 2048, 16384)) -> float:
     """Max relative error of the MoE layers' default forward vs the loop oracle on random
     hidden states of a few token counts; also checks the fused router against the torch one
     (same probabilities, same experts up to ties)."""
@@ -209,20 +213,52 @@ def check_fast_path(model, tokens=(1, 3, 17, 129, 300, 2048)) -> float:
 
 
 # ----------------------------------------------------------------------------- timing
-@torch.no_grad()
-def time_prefill(model, batch: int, seq: int, repeats: int = 5) -> tuple[float, str]:
-    """Median time of one prefill forward, replayed as a CUDA graph (host overhead excluded,
-    for dense and MoE alike); plain eager timing if capture fails."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+def prefill_forward(model, ids: torch.Tensor, compile: bool = True):
+    """One prefill forward of ``ids`` (no KV cache, last position's logits), compiled with
+    ``torch.compile(fullgraph=True, dynamic=False)`` (inductor fuses the norms, rotary and
+    activations around the GEMMs; no CUDA graphs of its own) unless ``compile`` is False. Run it
+    inside ``cmoe.attention.unpadded_prefill()`` so that attention uses SDPA's causal kernel."""
 
     def fwd():
         return model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
+    return torch.compile(fwd, fullgraph=True, dynamic=False) if compile else fwd
+
+
+@torch.no_grad()
+def check_compiled_prefill(model, fwd, ids, log, label: str) -> None:
+    """Checks the compiled prefill against the eager one. Dense: the last position's logits, per
+    sequence, median relative error under 5e-2 (bf16 rounding of other fusions). MoE: the same
+    distance is only logged, because under other rounding a token near a routing tie picks other
+    experts, which moves its logits a lot (H200, LLaMA-2-7B shape with random weights: the loop
+    oracle and the fast path differ too, 5 % of positions by more than 0.1); the check is then that
+    each compiled MoE layer gives the eager layer's output on the same input (rel. error < 1e-3)."""
+    from cmoe.moe import moe_layers
+
+    ref = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.float()[:, -1]
+    out = fwd().logits.float()[:, -1]
+    rows = (out - ref).norm(dim=-1) / ref.norm(dim=-1)
+    msg = f"  {label}: compiled vs eager logits, rel err median {rows.median():.1e} (max {rows.max():.1e}) over {len(rows)} rows"
+    layers = moe_layers(model)
+    if not layers:
+        log(msg + ("" if rows.median() <= 5e-2 else "  CHECK FAILED"))
+        return
+    layer = layers[0]
+    x = torch.randn(ids.numel(), layer.spec.hidden_size, device=ids.device, dtype=layer.shared_down.weight.dtype)
+    y0, y1 = layer(x).float(), torch.compile(layer, fullgraph=True, dynamic=False)(x).float()
+    err = ((y1 - y0).norm() / y0.norm()).item()
+    log(msg + f"; one MoE layer at {len(x)} tokens, compiled vs eager: rel err {err:.1e}" + ("" if err < 1e-3 else "  CHECK FAILED"))
+
+
+@torch.no_grad()
+def time_prefill(fwd, repeats: int = 5) -> tuple[float, str]:
+    """Median time of the prefill ``fwd()``, replayed as a CUDA graph (host overhead excluded,
+    for dense and MoE alike); plain timing if capture fails."""
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            fwd()
+            fwd()  # compiles, if fwd is compiled
             fwd()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
@@ -232,9 +268,9 @@ def time_prefill(model, batch: int, seq: int, repeats: int = 5) -> tuple[float, 
         del g
         return t, "graph"
     except Exception as e:  # noqa: BLE001
-        print(f"  (prefill graph capture failed: {type(e).__name__}: {str(e)[:120]}; timing eagerly)")
+        print(f"  (prefill graph capture failed: {type(e).__name__}: {str(e)[:120]}; timing without it)")
         torch.cuda.synchronize()
-        return _median_time(fwd, repeats), "eager"
+        return _median_time(fwd, repeats), "no graph"
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -267,19 +303,26 @@ class Row:
 
 
 def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
+    from cmoe.attention import unpadded_prefill
     from cmoe.generation import time_generation
 
     rows = []
     moe = config != "dense"
     for b, s in args.prefill:
-        if getattr(args, "profile", False):
-            ids = torch.randint(0, model.config.vocab_size, (b, s), device="cuda")
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            profile_kernels(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 2, log, f"prefill {b}x{s} (eager)")
-        t, how = time_prefill(model, b, s)
+        ids = torch.randint(0, model.config.vocab_size, (b, s), device="cuda")
+        compiled = not (args.no_compile or args.eager_prefill)
+        with unpadded_prefill():  # random ids: no padding, SDPA's causal kernel for dense and MoE alike
+            fwd = prefill_forward(model, ids, compile=compiled)
+            t, how = time_prefill(fwd)
+            how = ("compiled" if compiled else "eager") + ", " + how
+            if compiled:
+                check_compiled_prefill(model, fwd, ids, log, f"prefill {b}x{s}")
+            if getattr(args, "profile", False):
+                profile_kernels(fwd, 2, log, f"prefill {b}x{s} ({how})")
         cost = step_cost(model, b, s, s, None)
         rows.append(Row(name, config, "prefill", b, s, t, cost, extra={"timing": how}))
         log(f"  prefill {b}x{s}: {t * 1e3:.2f} ms  {cost.flops / t / 1e12:.0f} TFLOP/s ({how})")
+        del fwd
         torch.cuda.empty_cache()
     for b in args.decode_batches:
         t0 = time.perf_counter()
@@ -373,7 +416,7 @@ def table(rows: list[Row], ceil: dict) -> str:
             ach = f"{r.cost.bytes / r.seconds / 1e9:.0f} GB/s"
         ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
         lim = f"{r.limit:.2f}x" if r.limit else "-"
-        pct = f"{100 * r.ratio / r.limit:.0f} %" if r.ratio and r.limit else "-"
+        pct = f"{100 * r.ratio / r.limit:.1f} %" if r.ratio and r.limit else "-"
         out.append(f"| {r.model} | {r.config} | {cell} | {tm} | {ratio} | {ach} | {lim} | {pct} |")
     return "\n".join(out)
 
@@ -415,7 +458,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=PROMPT)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="run prefill and decode eagerly (decode without CUDA graphs)")
+    p.add_argument("--eager-prefill", action="store_true", help="run the prefill forward eagerly (still replayed as a CUDA graph)")
     p.add_argument("--profile", action="store_true", help="print a kernel profile of each prefill and decode cell")
     p.add_argument("--calib", default="2x512", help="calibration tokens NxS for convert_")
     p.add_argument("--out", default=None, help="write the table (markdown) and raw rows (json) here")

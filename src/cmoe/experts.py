@@ -179,12 +179,15 @@ def default_impl(x: torch.Tensor) -> str:
 
 
 def _torch_impl(x: torch.Tensor, grad: bool = False) -> str:
-    """Torch implementations; ``grad``: one that passes gradients to the routing weights."""
+    """Torch implementations; ``grad``: one that passes gradients to the routing weights. Traced
+    by torch.compile, other dtypes than bf16 take ``dense`` beyond a few tokens: torch's grouped
+    GEMM is traced for bf16 only, and the loop reads the routing on the host."""
+    T, compiling = x.shape[0], torch.compiler.is_compiling()
     if x.is_cuda:
-        return "grouped" if x.dtype == torch.bfloat16 else "gather" if x.shape[0] <= 8 else "loop"
-    if x.shape[0] <= 4 and not grad and not torch.compiler.is_compiling():
+        return "grouped" if x.dtype == torch.bfloat16 else "gather" if T <= 8 else "dense" if compiling else "loop"
+    if T <= 4 and not grad and not compiling:
         return "select"  # decode on the CPU
-    return "gather" if x.shape[0] <= 2 else "grouped"
+    return "gather" if T <= 2 else "dense" if compiling and x.dtype != torch.bfloat16 else "grouped"
 
 
 def resolve_impl(impl: str, x, *tensors) -> str:

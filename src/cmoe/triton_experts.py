@@ -22,6 +22,9 @@ Three expert paths, chosen from static shapes (so a decode step captures in a CU
   torch's grouped GEMM (``torch._grouped_mm``, CUTLASS) for both projections, with our kernels
   for the glue (the activation, and each token's weighted sum plus the shared expert in one pass).
 
+Beyond ``SHARED_FOLD_MAX_TOKENS`` tokens cuBLAS runs the shared expert, on a second CUDA stream
+(``SHARED_STREAM``), beside the routed path's small kernels (sort, gather, alignment) and GEMMs.
+
 Given the shared expert's weights too, every path computes the whole FFN: the shared expert's
 neurons become ``S = ceil(ms / m)`` extra pieces that every token selects with weight 1, so a
 decode layer is two launches (up to ``SHARED_FOLD_MAX_TOKENS`` tokens; beyond, cuBLAS runs the
@@ -667,18 +670,58 @@ def sum_rows(y: torch.Tensor, a: int, pos=None, weight=None, extra=None) -> torc
     return out
 
 
-def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None) -> torch.Tensor:
-    """[T, d]: the routed experts through two ``torch._grouped_mm`` calls, plus ``extra`` [T, d]
-    (the shared expert's output) if given. Static shapes, no host sync."""
-    T, a = idx.shape
-    E = down.shape[0]
-    flat = idx.reshape(-1)
-    order = sort_by_expert(flat, E)  # [P]: the pairs, by expert
+def _grouped_mm_rows(x, idx, gate_up, down, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [P, d], pos [P]): each (token, slot) pair's expert output through two
+    ``torch._grouped_mm`` calls, unweighted, in row ``pos[t * a + k]`` of y. Static shapes, no
+    host sync."""
+    a, E = idx.shape[1], down.shape[0]
+    order = sort_by_expert(idx.reshape(-1), E)  # [P]: the pairs, by expert
     ends = expert_counts(idx, E).cumsum(0).to(torch.int32)  # end row of each expert's group
     gu = grouped_mm(x.index_select(0, order // a), gate_up.transpose(1, 2), ends)  # [P, 2m]
     y = grouped_mm(glu(gu, act), down.transpose(1, 2), ends)  # [P, d]
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))  # row of each pair
-    return sum_rows(y, a, pos, weight, extra)
+    return y, pos
+
+
+def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None) -> torch.Tensor:
+    """[T, d]: the routed experts through ``torch._grouped_mm``, plus ``extra`` [T, d] (the shared
+    expert's output) if given."""
+    y, pos = _grouped_mm_rows(x, idx, gate_up, down, act)
+    return sum_rows(y, idx.shape[1], pos, weight, extra)
+
+
+SHARED_STREAM = True  # prefill: the shared expert on a second CUDA stream, beside the routed path (H200)
+_SIDE_STREAMS: dict = {}
+
+
+class _Beside:
+    """Work run on a second CUDA stream of x's device, beside what the current stream does next:
+    ``with b: ...`` enqueues it there (after the current stream's work so far); ``b.wait(t)``
+    makes the current stream wait for it before using its result t. Without CUDA (or with
+    ``on`` False) everything runs in order on the current stream."""
+
+    def __init__(self, x: torch.Tensor, on: bool = True):
+        self.side = None
+        if on and x.is_cuda:
+            self.main = torch.cuda.current_stream(x.device)
+            self.side = _SIDE_STREAMS.get(x.device) or _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
+            self.side.wait_stream(self.main)
+        self._ctx = torch.cuda.stream(self.side) if self.side is not None else None
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+    def wait(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if self.side is not None and t is not None:
+            self.main.wait_stream(self.side)
+            t.record_stream(self.main)  # made on the side stream, used and freed on the current one
+        return t
 
 
 # ----------------------------------------------------------------------------- fused router
@@ -1113,12 +1156,15 @@ def triton_experts_op(
     x, idx, weight = x.contiguous(), idx.contiguous(), weight.contiguous().float()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if ms else None
-    extra = dense_expert(x, *shared, act) if ms and not S else None  # prefill: cuBLAS does the dense part best
     if a == 0:
-        return extra[:, None]
+        return dense_expert(x, *shared, act)[:, None]
+    beside = _Beside(x, on=SHARED_STREAM and ms > 0 and not S)
+    with beside:  # prefill: cuBLAS runs the shared expert, on a second stream beside the routed path
+        extra = dense_expert(x, *shared, act) if ms and not S else None
     fold = shared if S else None
     if path == "grouped_mm":
-        return _grouped_mm_experts(x, idx, weight, gate_up, down, act, extra)[:, None]
+        y, pos = _grouped_mm_rows(x, idx, gate_up, down, act)
+        return sum_rows(y, a, pos, weight, beside.wait(extra))[:, None]
     if path == "gemv":
         out = _gemv_experts(x, idx, weight, gate_up, down, act, shared=fold)[:, None]
     elif path == "few":
@@ -1126,9 +1172,9 @@ def triton_experts_op(
     else:
         out = _grouped_experts(x, idx, weight, gate_up, down, act, shared=fold)
         if T > SHARED_FOLD_MAX_TOKENS:  # prefill: the slots and the shared expert summed in one pass
-            return sum_rows(out.view(-1, out.shape[2]), out.shape[1], extra=extra)[:, None]
+            return sum_rows(out.view(-1, out.shape[2]), out.shape[1], extra=beside.wait(extra))[:, None]
     if extra is not None:
-        out[:, 0] += extra
+        out[:, 0] += beside.wait(extra)
     return out
 
 
