@@ -695,10 +695,10 @@ _SIDE_STREAMS: dict = {}
 
 
 class _Beside:
-    """Work run on a second CUDA stream of x's device, beside what the current stream does next:
-    ``with b: ...`` enqueues it there (after the current stream's work so far); ``b.wait(t)``
-    makes the current stream wait for it before using its result t. Without CUDA (or with
-    ``on`` False) everything runs in order on the current stream."""
+    """A second CUDA stream of x's device for work that runs beside what the current stream does
+    next: ``with torch.cuda.stream(b.side): ...`` enqueues it there (after the current stream's
+    work so far); ``b.wait(t)`` makes the current stream wait for it before using its result t.
+    Without CUDA, or with ``on`` False, ``side`` is None and everything runs in order."""
 
     def __init__(self, x: torch.Tensor, on: bool = True):
         self.side = None
@@ -706,16 +706,6 @@ class _Beside:
             self.main = torch.cuda.current_stream(x.device)
             self.side = _SIDE_STREAMS.get(x.device) or _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
             self.side.wait_stream(self.main)
-        self._ctx = torch.cuda.stream(self.side) if self.side is not None else None
-
-    def __enter__(self):
-        if self._ctx is not None:
-            self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
 
     def wait(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if self.side is not None and t is not None:
@@ -1159,7 +1149,7 @@ def triton_experts_op(
     if a == 0:
         return dense_expert(x, *shared, act)[:, None]
     beside = _Beside(x, on=SHARED_STREAM and ms > 0 and not S)
-    with beside:  # prefill: cuBLAS runs the shared expert, on a second stream beside the routed path
+    with torch.cuda.stream(beside.side):  # prefill: cuBLAS runs the shared expert, beside the routed path
         extra = dense_expert(x, *shared, act) if ms and not S else None
     fold = shared if S else None
     if path == "grouped_mm":
