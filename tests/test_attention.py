@@ -5,21 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_model
 
 from cmoe.attention import NAME, unpadded_prefill, use_causal_sdpa
 from cmoe.generation import generate
 
 
 def _tiny(attn="sdpa"):
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation=attn,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.eos_token_id = None
-    return model
+    return tiny_model("llama", attn_implementation=attn)
 
 
 def _sdpa_calls(fn) -> list[dict]:

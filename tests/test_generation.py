@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import calib
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cmoe.generation import generate, sample_logits, time_generation
@@ -75,9 +76,8 @@ def test_compiled_generation_of_a_converted_model_matches_eager(tiny):
     from cmoe import CMoEConfig, convert_
 
     model = copy.deepcopy(tiny)
-    calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(4))
-    convert_(model, CMoEConfig.parse("S1A1E4", calib_samples=2, calib_seqlen=32, allocation="uniform"), calib,
-             device="cpu", progress=False)
+    convert_(model, CMoEConfig.parse("S1A1E4", calib_samples=2, calib_seqlen=32, allocation="uniform"),
+             calib(2, 32, seed=4), device="cpu", progress=False)
     ids = torch.randint(0, 128, (5, 6), generator=torch.Generator().manual_seed(5))
     torch._dynamo.reset()
     assert torch.equal(generate(model, ids, 4, compile=True), generate(model, ids, 4, compile=False))
