@@ -481,20 +481,23 @@ def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tupl
 
 # ----------------------------------------------------------------------------- grouped GEMM path
 @triton.jit
+def _tile_of(pid, num_tiles, n_blocks, GROUP: tl.constexpr):
+    """(tile of rows, block of columns) of program pid, in grouped order: GROUP row tiles sweep
+    the column blocks together, so that their weights are reused from L2."""
+    in_group = GROUP * n_blocks
+    first = (pid // in_group) * GROUP
+    size = tl.minimum(num_tiles - first, GROUP)
+    return first + (pid % in_group) % size, (pid % in_group) // size
+
+
+@triton.jit
 def _grouped_gate_up(
     x_ptr, w_ptr, sw_ptr, h_ptr, sorted_ptr, tile_expert_ptr,  # x [T, d]; gate_up [E, 2m, d]; shared_gate_up [2ms, d]; h [max_tiles*BT, m]
     P, d, m, ms, num_tiles,
     A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(m, BN)
-    # grouped ordering: GROUP token tiles sweep the n blocks together (weights reused in L2)
-    in_group = GROUP * n_blocks
-    first = (pid // in_group) * GROUP
-    size = tl.minimum(num_tiles - first, GROUP)
-    tile = first + (pid % in_group) % size
-    pid_n = (pid % in_group) // size
+    tile, pid_n = _tile_of(tl.program_id(0), num_tiles, tl.cdiv(m, BN), GROUP)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
@@ -517,13 +520,7 @@ def _grouped_down(
     A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(d, BN)
-    in_group = GROUP * n_blocks
-    first = (pid // in_group) * GROUP
-    size = tl.minimum(num_tiles - first, GROUP)
-    tile = first + (pid % in_group) % size
-    pid_n = (pid % in_group) // size
+    tile, pid_n = _tile_of(tl.program_id(0), num_tiles, tl.cdiv(d, BN), GROUP)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
