@@ -331,13 +331,15 @@ def sweep_masked(args) -> int:
                 return graph_ms(run) / args.copies * 1e3
 
             with torch.no_grad():
-                keep = te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS, te.SHARED_FOLD_MAX_TOKENS
+                keep = (te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS, te.SHARED_FOLD_MAX_TOKENS,
+                        te.DENSE_MIN_TOKENS, te.DENSE_MIN_ACTIVE)
                 try:
                     # the Triton grouped, few-token or GEMV path
                     te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS = 0, 0, 1 << 30
                     ref = layers[0](x).float()
                     t_other = t_of(lambda lay: lay(x))
-                    te.DENSE_MAX_WORK = 1 << 30  # the dense path (cuBLAS, every neuron, masked)
+                    # the dense path (cuBLAS, every neuron, masked), at any size
+                    te.DENSE_MAX_WORK, te.DENSE_MIN_TOKENS, te.DENSE_MIN_ACTIVE = 1 << 30, 0, 0.0
                     out = layers[0](x).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     t_dense = t_of(lambda lay: lay(x)) if err < 1e-2 else float("nan")
@@ -348,7 +350,8 @@ def sweep_masked(args) -> int:
                         err_gmm = ((out - ref).norm() / ref.norm()).item()
                         t_gmm = t_of(lambda lay: lay(x)) if err_gmm < 1e-2 else float("nan")
                 finally:
-                    te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS, te.SHARED_FOLD_MAX_TOKENS = keep
+                    (te.MASKED_MAX_TOKENS, te.DENSE_MAX_WORK, te.GROUPED_MM_MIN_ROWS, te.SHARED_FOLD_MAX_TOKENS,
+                     te.DENSE_MIN_TOKENS, te.DENSE_MIN_ACTIVE) = keep
                 t_used = t_of(lambda lay: lay(x))  # what the layer runs now
 
                 def masked_t(cfg):

@@ -302,10 +302,12 @@ def test_cmoe_mlp_triton_matches_reference(T, shared, router):
         torch.testing.assert_close(mod(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("B,T", [(1, 3), (2, 17), (1, 70)], ids=["few", "grouped", "dense"])
-def test_cmoe_mlp_compiles_fullgraph(B, T, monkeypatch):
-    monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 64)  # 70 tokens: the dense path
-    mod = _moe()
+@pytest.mark.parametrize("B,T,counts", [(1, 3, False), (2, 17, False), (1, 70, False), (1, 70, True)],
+                         ids=["few", "grouped", "dense-op", "dense-torch"])
+def test_cmoe_mlp_compiles_fullgraph(B, T, counts, monkeypatch):
+    monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 64)  # 70 tokens: the dense path, as one op or (load counts
+    mod = _moe()  # asked for) as torch ops
+    mod.collect_load = counts
     x = torch.randn(B, T, 36).to(DEVICE)
     torch._dynamo.reset()
     with torch.no_grad():
@@ -439,15 +441,93 @@ def test_dense_path_is_chosen_for_large_batches_of_mostly_active_layers(monkeypa
     DENSE_MAX_WORK; the registered op then gives the dense path's result (odd token count, two
     experts that no token chose, an activation alias)."""
     assert te.use_dense(256, 3, 4) and te.use_dense(256, 1, 2) and not te.use_dense(256, 1, 4)  # S3A3E8, S2A2E8, S1A1E8
+    assert te.use_dense(128, 3, 4) and te.use_dense(128, 1, 2) and not te.use_dense(128, 1, 4)  # batch 128
     assert not te.use_dense(te.DENSE_MIN_TOKENS - 1, 3, 4) and not te.use_dense(te.DENSE_MAX_WORK + 1, 1, 1)
     monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 60)
     T = 71
-    x, idx, w, gu, dn = problem(T, 2, 6, seed=11, empty=2)
+    x, idx, w, gu, dn = problem(T, 2, 4, seed=11, empty=2)
     sgu, sd = _shared(20, seed=11)
-    assert te.use_dense(T, 20 + 2 * 20, 20 + 6 * 20)
+    assert te.use_dense(T, 20 + 2 * 20, 20 + 4 * 20)
     out = experts.run_experts("triton", x, idx, w, gu, dn, "swish", shared=(sgu, sd))
     ref = oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def _dense_layer(mod, x):
+    r = mod.router
+    shared = (mod.shared_gate_up.weight, mod.shared_down.weight) if mod.spec.shared_size else (None, None)
+    return te.triton_dense_op(x, mod.experts.gate_up_proj, mod.experts.down_proj, *shared, *te.router_args(r),
+                              activations.canonical(mod.spec.act), mod.spec.top_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,a,shared,router", [(1, 2, 20, "analytical"), (3, 1, 30, "linear"), (17, 3, 0, "analytical"),
+                                               (70, 2, 45, "linear")])
+def test_dense_layer_path_matches_reference(T, a, shared, router, dtype):
+    """The dense path's op (router, shared expert and every routed expert, the routing as a mask)
+    against the loop oracle: one token, odd counts, a partial shared piece or none, two experts
+    that no token chooses (router bias), every activation."""
+    for act in ACTS:
+        mod = _moe(dtype, act=act, a=a, shared=shared, router=router)
+        mod.router.bias[-2:] = -10.0  # p + b is below every other expert's: never chosen
+        x = torch.randn(T, 36).to(DEVICE, dtype)
+        with torch.no_grad():
+            out = _dense_layer(mod, x)
+            idx, w, _ = te.fused_route(mod.router, x)  # the routing as the op computes it (ties broken alike)
+            assert not (idx >= mod.spec.num_experts - 2).any()
+            ref = oracle(x, idx, w, mod.experts.gate_up_proj, mod.experts.down_proj, act)
+            if shared:
+                ref = ref + shared_oracle(x, mod.shared_gate_up.weight, mod.shared_down.weight, act)
+        assert out.shape == (T, 36) and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], act
+
+
+def test_dense_layer_path_is_taken_where_the_rule_says(monkeypatch):
+    """``layer_forward``: the masked path up to its limit, then the dense path's op (layers with half
+    or more of their neurons active), else None (the other paths)."""
+    monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 60)
+    x = torch.randn(70, 36).to(DEVICE)
+    half = _moe(a=2, shared=20)  # 60 of 120 neurons active
+    quarter = _moe(a=1, shared=10)  # 30 of 110
+    with torch.no_grad():
+        assert te.dense_moe(half, x[:59]) is None and te.dense_moe(quarter, x) is None
+        out = te.layer_forward(half, x)
+        torch.testing.assert_close(out, _dense_layer(half, x))
+        torch.testing.assert_close(out, half.forward_reference(x), atol=1e-4, rtol=1e-4)
+        assert te.layer_forward(quarter, x) is None
+        torch.testing.assert_close(te.layer_forward(half, x[:9]), te.masked_moe(half, x[:9]))
+        half.collect_load = True  # the routing asked for: the same GEMMs as torch ops
+        torch.testing.assert_close(half(x), out, atol=1e-4, rtol=1e-4)
+        assert half.expert_load.sum() == 70 * 2
+
+
+def test_dense_op_fake_matches_real():
+    mod = _moe(shared=30)
+    x = torch.randn(7, 36).to(DEVICE)
+    r = mod.router
+    args = (x, mod.experts.gate_up_proj.detach(), mod.experts.down_proj.detach(), mod.shared_gate_up.weight.detach(),
+            mod.shared_down.weight.detach(), r.gate.detach(), r.up.detach(), r.bias, r.scale.detach(), False, "silu", 2)
+    torch.library.opcheck(te.triton_dense_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")
+def test_dense_layer_path_beside_in_a_cuda_graph(monkeypatch):
+    """The router and the shared expert on the second stream: same output as in order, also
+    replayed from a CUDA graph."""
+    mod = _moe(torch.bfloat16, shared=30)
+    x = torch.randn(131, 36, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(te, "SHARED_STREAM", False)
+        in_order = _dense_layer(mod, x)
+        monkeypatch.setattr(te, "SHARED_STREAM", True)
+        assert torch.equal(_dense_layer(mod, x), in_order)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = _dense_layer(mod, x)
+        x.mul_(-1)
+        g.replay()
+        monkeypatch.setattr(te, "SHARED_STREAM", False)
+        assert torch.equal(out, _dense_layer(mod, x))
 
 
 # ----------------------------------------------------------------------------- grouped_mm path (prefill)

@@ -74,6 +74,8 @@ def cases():
     gptrs = {"x": "*bf16", "pos_ptr": "*i64", "wt_ptr": "*fp32"}  # the glue of the prefill paths
     for act in range(len(te._ACT_CODE)):
         yield (f"glu_rows *bf16 act={act}", te._glu_rows, gptrs, dict(ACT=act, BM=1024))
+    for dt in ("*bf16", "*fp32"):  # the dense path's routing and activation
+        yield (f"glu_routed {dt}", te._glu_routed, {"x": dt, "idx_ptr": "*i64", "wt_ptr": "*fp32"}, dict(A=3, ACT=0, BM=1024))
     for pos, extra in ((True, False), (True, True), (False, True), (False, False)):  # grouped_mm path; grouped path
         yield (f"sum_rows *bf16 pos={pos} extra={extra}", te._sum_rows, gptrs,
                dict(A=3, POS=pos, WEIGHT=pos, EXTRA=extra, BD=1024))

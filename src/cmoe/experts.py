@@ -68,8 +68,9 @@ def dense_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     """Every expert on every token, the routing as a mask: one GEMM over all experts' gate/up
     rows, each token's activations of expert e scaled by its weight for e (0 if it did not choose
     e), one batched GEMM over the experts' down projections. More FLOPs than needed, the same bytes
-    once the routing touches every expert, no sort; on an H200 the fastest path at 256 tokens for
-    layers with half or more of their neurons active (``cmoe.triton_experts.use_dense``)."""
+    once the routing touches every expert, no sort; on an H200 the fastest path at 128-512 tokens
+    for layers with half or more of their neurons active (``cmoe.triton_experts.use_dense``; the
+    whole-layer op ``cmoe.triton_experts.dense_moe`` runs the same GEMMs)."""
     T = x.shape[0]
     E, m = gate_up.shape[0], down.shape[2]
     coef = torch.zeros(T, E, device=x.device, dtype=torch.float32).scatter_(1, idx, weight.float())  # [T, E]
@@ -159,14 +160,14 @@ def fused_router():
 
 
 def fused_layer():
-    """The whole layer (router and experts) in two Triton kernels (``fn(layer, x)``, None for
-    shapes it does not serve) when Triton is available, else None."""
+    """The paths that run the whole layer, router included (``fn(layer, x)``, None for shapes
+    they do not serve) when Triton is available, else None."""
     _load_triton()
     if "triton" not in EXPERT_IMPLS:
         return None
-    from .triton_experts import masked_moe
+    from .triton_experts import layer_forward
 
-    return masked_moe
+    return layer_forward
 
 
 def default_impl(x: torch.Tensor) -> str:

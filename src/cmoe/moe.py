@@ -176,7 +176,7 @@ class CMoEMLP(nn.Module):
             return self.shared(x).reshape(shape)
         impl = impl or self.impl
         if impl in ("auto", "triton") and x.is_cuda and not torch.is_grad_enabled() and self._fusable_layer():
-            whole = experts.fused_layer()  # router and experts in two kernels, for the batches where that pays
+            whole = experts.fused_layer()  # router and experts in one op, for the batches where that pays
             out = whole(self, x) if whole is not None else None
             if out is not None:
                 return out.reshape(shape)

@@ -36,8 +36,11 @@ Two more paths cover the batches whose routing touches every expert (``CMoEMLP``
 - the masked path (``masked_moe``, 2-64 tokens, ``use_masked``): the whole layer, router
   included, in two kernels; every token through every expert's gate/up, the routing applied
   in the down kernel. No separate router, no alignment.
-- the dense path (``use_dense``, from 256 tokens for layers with half or more of their neurons
-  active): cuBLAS on every neuron with the routing as a mask (``cmoe.experts.dense_experts``).
+- the dense path (``dense_moe``, 128-512 tokens for layers with half or more of their neurons
+  active, ``use_dense``): cuBLAS on every neuron with the routing as a mask, in one op, with the
+  router and the shared expert on a second stream beside the routed experts' gate/up GEMM.
+  Layers whose routing is asked for (load counts, probabilities) or whose shared expert carries
+  an adapter take the same GEMMs as torch ops (``cmoe.experts.dense_experts``).
 
 The paths are wrapped in ``torch.library.custom_op("cmoe::triton_experts")`` with a fake
 (meta) implementation, so ``torch.compile(fullgraph=True)`` treats them as one opaque op.
@@ -632,10 +635,10 @@ def dense_expert(x, gate_up, down, act: str) -> torch.Tensor:
 
 
 @triton.jit
-def _sum_rows(y_ptr, pos_ptr, wt_ptr, extra_ptr, out_ptr, d,
+def _sum_rows(y_ptr, pos_ptr, wt_ptr, extra_ptr, out_ptr, d, t_step, k_step,
               A: tl.constexpr, POS: tl.constexpr, WEIGHT: tl.constexpr, EXTRA: tl.constexpr, BD: tl.constexpr):
     """out[t] = extra[t] + sum_k wt[t, k] * y[pos[t, k]], in float32, rounded once. Without POS the
-    rows are t * A + k, without WEIGHT the weights 1, without EXTRA no extra."""
+    rows are t * t_step + k * k_step, without WEIGHT the weights 1, without EXTRA no extra."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     ok = cols < d
@@ -643,7 +646,7 @@ def _sum_rows(y_ptr, pos_ptr, wt_ptr, extra_ptr, out_ptr, d,
     if EXTRA:
         acc += tl.load(extra_ptr + t * d + cols, mask=ok).to(tl.float32)
     for k in tl.static_range(A):
-        r = t * A + k
+        r = t * t_step + k * k_step
         if POS:
             r = tl.load(pos_ptr + r).to(tl.int64)
         yk = tl.load(y_ptr + r * d + cols, mask=ok).to(tl.float32)
@@ -653,16 +656,17 @@ def _sum_rows(y_ptr, pos_ptr, wt_ptr, extra_ptr, out_ptr, d,
     tl.store(out_ptr + t * d + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def sum_rows(y: torch.Tensor, a: int, pos=None, weight=None, extra=None) -> torch.Tensor:
+def sum_rows(y: torch.Tensor, a: int, pos=None, weight=None, extra=None, by_slot: bool = False) -> torch.Tensor:
     """[T, d]: out[t] = extra[t] + sum_k weight[t, k] * y[pos[t, k]] for y [R, d]; pos None: row
-    t * a + k; weight None: 1; extra None: 0."""
+    t * a + k (``by_slot``: row k * T + t, y [a, T, d]); weight None: 1; extra None: 0."""
     d = y.shape[1]
     T = pos.numel() // a if pos is not None else y.shape[0] // a
     out = torch.empty(T, d, device=y.device, dtype=y.dtype)
     if T:
+        t_step, k_step = (1, T) if by_slot else (a, 1)
         _sum_rows[(T, triton.cdiv(d, 1024))](
             y, pos if pos is not None else y, weight if weight is not None else y, extra if extra is not None else y,
-            out, d, A=a, POS=pos is not None, WEIGHT=weight is not None, EXTRA=extra is not None, BD=1024,
+            out, d, t_step, k_step, A=a, POS=pos is not None, WEIGHT=weight is not None, EXTRA=extra is not None, BD=1024,
         )
     return out
 
@@ -687,7 +691,7 @@ def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None) -> 
     return sum_rows(y, idx.shape[1], pos, weight, extra)
 
 
-SHARED_STREAM = True  # prefill: the shared expert on a second CUDA stream, beside the routed path (H200)
+SHARED_STREAM = True  # prefill and the dense path: the shared expert on a second CUDA stream, beside the routed path (H200)
 _SIDE_STREAMS: dict = {}
 
 
@@ -709,6 +713,22 @@ class _Beside:
             self.main.wait_stream(self.side)
             t.record_stream(self.main)  # made on the side stream, used and freed on the current one
         return t
+
+    def mark(self):
+        """An event at this point of the side stream's work (None without a side stream)."""
+        if self.side is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def wait_mark(self, event, *ts: torch.Tensor) -> None:
+        """Make the current stream wait for the side stream's work up to ``mark()``'s ``event``;
+        ``ts``: tensors made there before it, used on the current stream from now on."""
+        if event is not None:
+            self.main.wait_event(event)
+            for t in ts:
+                t.record_stream(self.main)
 
 
 # ----------------------------------------------------------------------------- fused router
@@ -1086,6 +1106,96 @@ def masked_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
     return y.sum(1)  # bf16 too: summed in float32, rounded once
 
 
+# ----------------------------------------------------------------------------- dense path: the whole layer
+# Batches of 128-512 tokens in layers with half or more of their neurons active: the routing touches
+# every expert, so the layer reads as many bytes as the dense FFN; cuBLAS runs every neuron and the
+# routing becomes a mask. As one op: the router, then the shared expert, on a second stream
+# (``_Beside``) beside the routed experts' gate/up GEMM; ``_glu_routed`` applies each token's routing
+# weights (0 for the experts it did not choose) with the activation; one batched GEMM over the
+# experts' down projections; ``sum_rows`` adds the experts' rows and the shared expert's output.
+# Layers that the op cannot serve (their routing asked for, an adapter on the shared expert) run
+# the same GEMMs as torch ops (``cmoe.experts.dense_experts``, in ``triton_experts``).
+DENSE_MIN_TOKENS = 128  # the dense path from this many tokens (H200: below, the grouped path is faster)
+DENSE_MAX_WORK = 512  # ... while tokens x (all neurons / active neurons) is at most this (H200 sweep)
+DENSE_MIN_ACTIVE = 0.5  # ... in layers with at least this share of their neurons active (H200, run o)
+
+
+def use_dense(T: int, active: int, total: int) -> bool:
+    """Whether the dense path (cuBLAS on every neuron, the routing as a mask) serves T tokens of a
+    layer with ``active`` of ``total`` neurons in use per token: at least DENSE_MIN_ACTIVE of them
+    active, from DENSE_MIN_TOKENS, while the FLOPs it multiplies (total / active times those
+    needed) stay under DENSE_MAX_WORK tokens' worth. On the H200: S3A3E8 at 128-384 tokens and
+    S2A2E8 at 128-256, where the grouped kernels' GEMMs run below cuBLAS's rate
+    (``bench_experts.py --paths``; run o in docs/benchmarks/speed-h200.md)."""
+    return T >= DENSE_MIN_TOKENS and active >= DENSE_MIN_ACTIVE * total and T * total <= DENSE_MAX_WORK * active
+
+
+@triton.jit
+def _glu_routed(gu_ptr, idx_ptr, wt_ptr, h_ptr, m, E, A: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr):
+    """h[t, e] = w * act(g) * u with [g; u] = gu[t, e * 2m : (e + 1) * 2m] (gu [T, E * 2m], h
+    [T, E, m]); w: token t's routing weight for expert e, 0 if it did not choose e."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1)
+    cols = tl.program_id(2) * BM + tl.arange(0, BM)
+    ok = cols < m
+    w = 0.0
+    for k in tl.static_range(A):
+        w += tl.where(tl.load(idx_ptr + t * A + k) == e, tl.load(wt_ptr + t * A + k), 0.0)
+    row = t * E + e
+    g = tl.load(gu_ptr + row * 2 * m + cols, mask=ok).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * m + m + cols, mask=ok).to(tl.float32)
+    tl.store(h_ptr + row * m + cols, (_act(g, ACT) * u * w).to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@torch.library.custom_op("cmoe::triton_dense_moe", mutates_args=())
+def triton_dense_op(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, shared_gate_up: torch.Tensor | None,
+    shared_down: torch.Tensor | None, router_gate: torch.Tensor, router_up: torch.Tensor, bias: torch.Tensor,
+    scale: torch.Tensor, linear: bool, act: str, top_k: int,
+) -> torch.Tensor:
+    """The whole CMoE FFN (router, shared and routed experts) on the dense path: [T, d]."""
+    _check(x, None, None, gate_up, down, act)
+    T, d = x.shape
+    E, m = down.shape[0], down.shape[2]
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    beside = _Beside(x, on=SHARED_STREAM)
+    with torch.cuda.stream(beside.side):
+        idx, wt, _ = triton_route_op(x, router_gate, router_up, bias, scale, act, top_k, linear)
+        routed = beside.mark()
+        shared = shared_down is not None
+        extra = dense_expert(x, shared_gate_up.contiguous(), shared_down.contiguous(), act) if shared else None
+    gu = x @ gate_up.view(E * 2 * m, d).T  # [T, E * 2m]
+    beside.wait_mark(routed, idx, wt)
+    h = torch.empty(T, E, m, device=x.device, dtype=x.dtype)
+    if T:
+        _glu_routed[(T, E, triton.cdiv(m, 1024))](gu, idx, wt, h, m, E, A=top_k, ACT=_ACT_CODE[act], BM=1024)
+    y = torch.bmm(h.transpose(0, 1), down.transpose(1, 2))  # [E, T, d]
+    return sum_rows(y.view(E * T, d), E, extra=beside.wait(extra), by_slot=True)
+
+
+@triton_dense_op.register_fake
+def _(x, gate_up, down, shared_gate_up, shared_down, router_gate, router_up, bias, scale, linear, act, top_k):
+    return torch.empty_like(x)
+
+
+def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """The FFN output [T, d] of a ``CMoEMLP`` on the dense path, or None where ``use_dense`` sends
+    these shapes to the other paths."""
+    spec = layer.spec
+    if spec.top_k == 0 or not use_dense(x.shape[0], spec.active_size, spec.intermediate_size):
+        return None
+    sgu, sd = (layer.shared_gate_up.weight, layer.shared_down.weight) if spec.shared_size else (None, None)
+    return triton_dense_op(x, layer.experts.gate_up_proj, layer.experts.down_proj, sgu, sd, *router_args(layer.router),
+                           activations.canonical(spec.act), spec.top_k)
+
+
+def layer_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """The FFN output [T, d] of a ``CMoEMLP`` from the paths that run the whole layer, router
+    included (masked, dense), or None where neither serves these shapes."""
+    out = masked_moe(layer, x)
+    return out if out is not None else dense_moe(layer, x)
+
+
 # ----------------------------------------------------------------------------- the op
 def _check(x, idx, weight, gate_up, down, act):
     if x.device.type != "cuda" and not _INTERPRET:
@@ -1173,26 +1283,14 @@ def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None)
     return x.new_empty(T, _slots(T, a, ms, m, down.shape[0], grouped_mm_ok(x, x.shape[1], m)), x.shape[1])
 
 
-DENSE_MIN_TOKENS = 256  # the dense path from this many tokens (H200: below, the grouped path is faster)
-DENSE_MAX_WORK = 512  # ... while tokens x (all neurons / active neurons) is at most this (H200 sweep)
-
-
-def use_dense(T: int, active: int, total: int) -> bool:
-    """Whether ``dense_experts`` (cuBLAS on every neuron, the routing as a mask) serves T tokens
-    of a layer with ``active`` of ``total`` neurons in use per token: from DENSE_MIN_TOKENS, while
-    the FLOPs it multiplies (total / active times those needed) stay under DENSE_MAX_WORK tokens'
-    worth. On the H200 that is a layer with 3/4 or 1/2 of its neurons active at 256 tokens, where
-    the grouped kernels' GEMMs run far below cuBLAS's rate (``bench_experts.py --paths``)."""
-    return T >= DENSE_MIN_TOKENS and T * total <= DENSE_MAX_WORK * active
-
-
 @register("triton")
 def triton_experts(x, idx, weight, gate_up, down, act: str, shared_gate_up=None, shared_down=None) -> torch.Tensor:
     """Triton kernels: a GEMV over the selected experts for few pairs, a grouped GEMM beyond;
     with ``shared_gate_up [2ms, d]`` / ``shared_down [d, ms]``, the shared expert is added
     (folded into the same kernels for up to ``SHARED_FOLD_MAX_TOKENS`` tokens). For the batches
     of ``use_dense``, cuBLAS on every expert with the routing as a mask (``dense_experts``),
-    as plain torch ops, so that a compiled model fuses the elementwise work around the GEMMs."""
+    as plain torch ops, so that a compiled model fuses the elementwise work around the GEMMs
+    (``CMoEMLP`` runs those batches through ``dense_moe`` where it can)."""
     T, a = idx.shape
     E, m = down.shape[0], down.shape[2]
     ms = 0 if shared_down is None else shared_down.shape[1]
