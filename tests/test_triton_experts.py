@@ -404,13 +404,12 @@ def test_masked_path_routes_like_the_fused_router():
     assert ((out - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-4
 
 
-def test_masked_op_fake_matches_real():
+@pytest.mark.parametrize("op", ["triton_masked_op", "triton_dense_op"])
+def test_whole_layer_op_fake_matches_real(op):
     mod = _moe(shared=30)
     x = torch.randn(7, 36).to(DEVICE)
-    r = mod.router
-    args = (x, mod.experts.gate_up_proj.detach(), mod.experts.down_proj.detach(), mod.shared_gate_up.weight.detach(),
-            mod.shared_down.weight.detach(), r.gate.detach(), r.up.detach(), r.bias, r.scale.detach(), False, "silu", 2)
-    torch.library.opcheck(te.triton_masked_op, args, test_utils=("test_schema", "test_faketensor"))
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in te.layer_args(mod))
+    torch.library.opcheck(getattr(te, op), (x, *args), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_masked_path_compiles_fullgraph():
@@ -454,10 +453,7 @@ def test_dense_path_is_chosen_for_large_batches_of_mostly_active_layers(monkeypa
 
 
 def _dense_layer(mod, x):
-    r = mod.router
-    shared = (mod.shared_gate_up.weight, mod.shared_down.weight) if mod.spec.shared_size else (None, None)
-    return te.triton_dense_op(x, mod.experts.gate_up_proj, mod.experts.down_proj, *shared, *te.router_args(r),
-                              activations.canonical(mod.spec.act), mod.spec.top_k)
+    return te.triton_dense_op(x, *te.layer_args(mod))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -499,15 +495,6 @@ def test_dense_layer_path_is_taken_where_the_rule_says(monkeypatch):
         half.collect_load = True  # the routing asked for: the same GEMMs as torch ops
         torch.testing.assert_close(half(x), out, atol=1e-4, rtol=1e-4)
         assert half.expert_load.sum() == 70 * 2
-
-
-def test_dense_op_fake_matches_real():
-    mod = _moe(shared=30)
-    x = torch.randn(7, 36).to(DEVICE)
-    r = mod.router
-    args = (x, mod.experts.gate_up_proj.detach(), mod.experts.down_proj.detach(), mod.shared_gate_up.weight.detach(),
-            mod.shared_down.weight.detach(), r.gate.detach(), r.up.detach(), r.bias, r.scale.detach(), False, "silu", 2)
-    torch.library.opcheck(te.triton_dense_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")

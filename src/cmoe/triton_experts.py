@@ -1100,10 +1100,17 @@ def masked_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
     S = triton.cdiv(spec.shared_size, m)
     if not use_masked(x.shape[0], spec.top_k, S, spec.num_experts):
         return None
-    sgu, sd = (layer.shared_gate_up.weight, layer.shared_down.weight) if S else (None, None)
-    y = triton_masked_op(x, layer.experts.gate_up_proj, layer.experts.down_proj, sgu, sd, *router_args(layer.router),
-                         activations.canonical(spec.act), spec.top_k)
-    return y.sum(1)  # bf16 too: summed in float32, rounded once
+    return triton_masked_op(x, *layer_args(layer)).sum(1)  # bf16 too: summed in float32, rounded once
+
+
+def layer_args(layer) -> tuple:
+    """A ``CMoEMLP``'s weights and settings as the whole-layer ops take them, after x: (gate_up,
+    down, shared_gate_up, shared_down, router gate, up, bias, scale, linear, act, top_k); the
+    shared weights None without a shared expert."""
+    spec = layer.spec
+    shared = (layer.shared_gate_up.weight, layer.shared_down.weight) if spec.shared_size else (None, None)
+    return (layer.experts.gate_up_proj, layer.experts.down_proj, *shared, *router_args(layer.router),
+            activations.canonical(spec.act), spec.top_k)
 
 
 # ----------------------------------------------------------------------------- dense path: the whole layer
@@ -1184,9 +1191,7 @@ def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
     spec = layer.spec
     if spec.top_k == 0 or not use_dense(x.shape[0], spec.active_size, spec.intermediate_size):
         return None
-    sgu, sd = (layer.shared_gate_up.weight, layer.shared_down.weight) if spec.shared_size else (None, None)
-    return triton_dense_op(x, layer.experts.gate_up_proj, layer.experts.down_proj, sgu, sd, *router_args(layer.router),
-                           activations.canonical(spec.act), spec.top_k)
+    return triton_dense_op(x, *layer_args(layer))
 
 
 def layer_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
