@@ -71,11 +71,11 @@ def cases():
                 bn, bk, _, _ = cfg["down"]
                 yield (f"masked_down {dt} S={S} T<={limit}", te._masked_down, mptrs,
                        dict(A=3, S=S, K=4, ACT=0, BT=bt, BN=bn, BK=bk, BE=16, LINEAR=linear, **upcast_ieee))
-    gptrs = {"x": "*bf16", "pos_ptr": "*i64", "wt_ptr": "*fp32"}  # the glue of the prefill paths
+    gptrs = {"x": "*bf16", "pos_ptr": "*i64", "idx_ptr": "*i64", "wt_ptr": "*fp32"}  # the glue of the prefill paths
     for act in range(len(te._ACT_CODE)):
-        yield (f"glu_rows *bf16 act={act}", te._glu_rows, gptrs, dict(ACT=act, BM=1024))
-    for dt in ("*bf16", "*fp32"):  # the dense path's routing and activation
-        yield (f"glu_routed {dt}", te._glu_routed, {"x": dt, "idx_ptr": "*i64", "wt_ptr": "*fp32"}, dict(A=3, ACT=0, BM=1024))
+        yield (f"glu_rows *bf16 act={act}", te._glu_rows, gptrs, dict(A=0, ACT=act, BM=1024))
+    for dt in ("*bf16", "*fp32"):  # the dense path: the routing weights applied with the activation
+        yield (f"glu_rows {dt} routed", te._glu_rows, {**gptrs, "x": dt}, dict(A=3, ACT=0, BM=1024))
     for pos, extra in ((True, False), (True, True), (False, True), (False, False)):  # grouped_mm path; grouped path
         yield (f"sum_rows *bf16 pos={pos} extra={extra}", te._sum_rows, gptrs,
                dict(A=3, POS=pos, WEIGHT=pos, EXTRA=extra, BD=1024))

@@ -610,22 +610,39 @@ def grouped_mm_ok(x: torch.Tensor, d: int, m: int) -> bool:
 
 
 @triton.jit
-def _glu_rows(gu_ptr, h_ptr, m, ACT: tl.constexpr, BM: tl.constexpr):
-    """h[r] = act(g) * u with [g; u] = gu[r] (one row of [R, 2m], gate columns first)."""
+def _glu_rows(gu_ptr, h_ptr, idx_ptr, wt_ptr, m, E, A: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr):
+    """h[r] = w * act(g) * u with [g; u] = gu[r] (one row of [R, 2m], gate columns first). Without
+    routing (A = 0) w = 1; with it, row r is token t = r // E's row for expert e = r % E, and w is
+    t's routing weight for e (``idx``, ``wt`` [T, A]), 0 if t did not choose e."""
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BM + tl.arange(0, BM)
     ok = cols < m
     g = tl.load(gu_ptr + r * 2 * m + cols, mask=ok).to(tl.float32)
     u = tl.load(gu_ptr + r * 2 * m + m + cols, mask=ok).to(tl.float32)
-    tl.store(h_ptr + r * m + cols, (_act(g, ACT) * u).to(h_ptr.dtype.element_ty), mask=ok)
+    h = _act(g, ACT) * u
+    if A > 0:
+        t = r // E
+        e = r % E
+        w = 0.0
+        for k in tl.static_range(A):
+            w += tl.where(tl.load(idx_ptr + t * A + k) == e, tl.load(wt_ptr + t * A + k), 0.0)
+        h = h * w
+    tl.store(h_ptr + r * m + cols, h.to(h_ptr.dtype.element_ty), mask=ok)
 
 
-def glu(gu: torch.Tensor, act: str) -> torch.Tensor:
-    """act(g) * u for the rows [g; u] of ``gu [R, 2m]``, in one pass."""
+def glu(gu: torch.Tensor, act: str, routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """act(g) * u for the rows [g; u] of ``gu [R, 2m]``, in one pass. With ``routing`` (idx,
+    weight [T, a]) the rows are every token's row for every expert (R = T * E, token-major) and
+    each is scaled by the token's routing weight for that expert (0 where it did not choose it)."""
     R, m = gu.shape[0], gu.shape[1] // 2
     h = torch.empty(R, m, device=gu.device, dtype=gu.dtype)
+    if routing is None:
+        idx, wt, a, E = gu, gu, 0, 1  # idx and wt: placeholders, not read
+    else:
+        idx, wt = routing
+        a, E = idx.shape[1], R // max(idx.shape[0], 1)
     if R:
-        _glu_rows[(R, triton.cdiv(m, 1024))](gu, h, m, ACT=_ACT_CODE[act], BM=1024)
+        _glu_rows[(R, triton.cdiv(m, 1024))](gu, h, idx, wt, m, E, A=a, ACT=_ACT_CODE[act], BM=1024)
     return h
 
 
@@ -1117,7 +1134,7 @@ def layer_args(layer) -> tuple:
 # Batches of 128-512 tokens in layers with half or more of their neurons active: the routing touches
 # every expert, so the layer reads as many bytes as the dense FFN; cuBLAS runs every neuron and the
 # routing becomes a mask. As one op: the router, then the shared expert, on a second stream
-# (``_Beside``) beside the routed experts' gate/up GEMM; ``_glu_routed`` applies each token's routing
+# (``_Beside``) beside the routed experts' gate/up GEMM; ``glu`` applies each token's routing
 # weights (0 for the experts it did not choose) with the activation; one batched GEMM over the
 # experts' down projections; ``sum_rows`` adds the experts' rows and the shared expert's output.
 # Layers that the op cannot serve (their routing asked for, an adapter on the shared expert) run
@@ -1135,23 +1152,6 @@ def use_dense(T: int, active: int, total: int) -> bool:
     S2A2E8 at 128-256, where the grouped kernels' GEMMs run below cuBLAS's rate
     (``bench_experts.py --paths``; run o in docs/benchmarks/speed-h200.md)."""
     return T >= DENSE_MIN_TOKENS and active >= DENSE_MIN_ACTIVE * total and T * total <= DENSE_MAX_WORK * active
-
-
-@triton.jit
-def _glu_routed(gu_ptr, idx_ptr, wt_ptr, h_ptr, m, E, A: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr):
-    """h[t, e] = w * act(g) * u with [g; u] = gu[t, e * 2m : (e + 1) * 2m] (gu [T, E * 2m], h
-    [T, E, m]); w: token t's routing weight for expert e, 0 if it did not choose e."""
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.program_id(1)
-    cols = tl.program_id(2) * BM + tl.arange(0, BM)
-    ok = cols < m
-    w = 0.0
-    for k in tl.static_range(A):
-        w += tl.where(tl.load(idx_ptr + t * A + k) == e, tl.load(wt_ptr + t * A + k), 0.0)
-    row = t * E + e
-    g = tl.load(gu_ptr + row * 2 * m + cols, mask=ok).to(tl.float32)
-    u = tl.load(gu_ptr + row * 2 * m + m + cols, mask=ok).to(tl.float32)
-    tl.store(h_ptr + row * m + cols, (_act(g, ACT) * u * w).to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @torch.library.custom_op("cmoe::triton_dense_moe", mutates_args=())
@@ -1173,9 +1173,7 @@ def triton_dense_op(
         extra = dense_expert(x, shared_gate_up.contiguous(), shared_down.contiguous(), act) if shared else None
     gu = x @ gate_up.view(E * 2 * m, d).T  # [T, E * 2m]
     beside.wait_mark(routed, idx, wt)
-    h = torch.empty(T, E, m, device=x.device, dtype=x.dtype)
-    if T:
-        _glu_routed[(T, E, triton.cdiv(m, 1024))](gu, idx, wt, h, m, E, A=top_k, ACT=_ACT_CODE[act], BM=1024)
+    h = glu(gu.view(T * E, 2 * m), act, routing=(idx, wt)).view(T, E, m)
     y = torch.bmm(h.transpose(0, 1), down.transpose(1, 2))  # [E, T, d]
     return sum_rows(y.view(E * T, d), E, extra=beside.wait(extra), by_slot=True)
 
