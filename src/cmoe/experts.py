@@ -120,19 +120,24 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return fn(a, b, offs=offs)
 
 
+def grouped_pairs(x, idx, gate_up, down, glu_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [P, d], order [P]): the P = T*a (token, slot) pairs sorted by expert on the device (pair
+    ``order[i]`` is row i, its token ``order[i] // a``) and each one's expert output, unweighted,
+    through two grouped GEMMs; ``glu_fn`` turns the gate/up rows [P, 2m] into [P, m]. No host sync."""
+    a, E = idx.shape[1], gate_up.shape[0]
+    order = sort_by_expert(idx.reshape(-1), E)
+    ends = expert_counts(idx, E).cumsum(0).to(torch.int32)  # end row of each expert's group
+    gu = grouped_mm(x.index_select(0, order // a), gate_up.transpose(1, 2), ends)  # [P, 2m]
+    return grouped_mm(glu_fn(gu), down.transpose(1, 2), ends), order
+
+
 @register("grouped")
 def grouped_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     """Many tokens: sort (token, slot) pairs by expert on the device, two grouped GEMMs."""
-    T, a = idx.shape
-    E = gate_up.shape[0]
-    flat = idx.reshape(-1)  # [T*a]
-    order = sort_by_expert(flat, E)
-    tok = order // a  # token of each sorted pair
-    offs = expert_counts(flat, E).cumsum(0).to(torch.int32)  # [E]
-    h = _glu(grouped_mm(x[tok], gate_up.transpose(1, 2), offs), act)  # [T*a, m]
-    y = grouped_mm(h, down.transpose(1, 2), offs)  # [T*a, d]
+    a = idx.shape[1]
+    y, order = grouped_pairs(x, idx, gate_up, down, lambda gu: _glu(gu, act))
     y = y * weight.reshape(-1)[order, None].to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, tok, y)
+    return torch.zeros_like(x).index_add_(0, order // a, y)
 
 
 def _load_triton() -> None:

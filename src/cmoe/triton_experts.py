@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .experts import dense_experts, expert_counts, grouped_mm, register, shared_expert, sort_by_expert
+from .experts import dense_experts, expert_counts, grouped_pairs, register, shared_expert, sort_by_expert
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
@@ -692,11 +692,7 @@ def _grouped_mm_rows(x, idx, gate_up, down, act: str) -> tuple[torch.Tensor, tor
     """(y [P, d], pos [P]): each (token, slot) pair's expert output through two
     ``torch._grouped_mm`` calls, unweighted, in row ``pos[t * a + k]`` of y. Static shapes, no
     host sync."""
-    a, E = idx.shape[1], down.shape[0]
-    order = sort_by_expert(idx.reshape(-1), E)  # [P]: the pairs, by expert
-    ends = expert_counts(idx, E).cumsum(0).to(torch.int32)  # end row of each expert's group
-    gu = grouped_mm(x.index_select(0, order // a), gate_up.transpose(1, 2), ends)  # [P, 2m]
-    y = grouped_mm(glu(gu, act), down.transpose(1, 2), ends)  # [P, d]
+    y, order = grouped_pairs(x, idx, gate_up, down, lambda gu: glu(gu, act))
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))  # row of each pair
     return y, pos
 
