@@ -3,8 +3,8 @@
     python benchmarks/bench_experts.py [--shape llama2-7b] [--configs S1A1E8 ...] [--tokens 1 8 ...]
 
 ``--paths`` times the whole layer on each path (masked, dense, grouped_mm, Triton
-grouped/few-token/GEMV) and on the one the layer picks; ``--masked`` also sweeps the masked path's tiles; ``--sweep`` sweeps the
-expert kernels' tiles; ``--kernels`` adds a per-kernel profile.
+grouped/few-token/GEMV) and on the one the layer picks; ``--masked`` also sweeps the masked
+path's tiles; ``--sweep`` sweeps the expert kernels' tiles; ``--kernels`` adds a per-kernel profile.
 
 Each timing replays a CUDA graph that runs ``--copies`` layer copies in sequence (so the
 weights come from HBM, not L2) and reports the median per layer. Components (router,
