@@ -303,24 +303,13 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
-def warm_up(model, args, log) -> None:
+def warm_up(model, name: str, args, ceil, log) -> None:
     """Run the first prefill cell and the first decode cell untimed: a process's first timed cell
     ran slow on the H200 (run o: dense decode b=128 2.204 ms first, 2.111 ms at the end of the same
     run), and dense is timed first, so without this the ratios would favour the MoE rows."""
-    from cmoe.attention import unpadded_prefill
-    from cmoe.generation import time_generation
-
     t0 = time.perf_counter()
-    if args.prefill:
-        b, s = args.prefill[0]
-        ids = torch.randint(0, model.config.vocab_size, (b, s), device="cuda")
-        with unpadded_prefill():
-            time_prefill(prefill_forward(model, ids, compile=not (args.no_compile or args.eager_prefill)))
-    if args.decode_batches:
-        time_generation(model, args.decode_batches[0], args.prompt, new_tokens=args.steps, compile=not args.no_compile, repeats=1)
-        model.__dict__.pop("_cmoe_static_caches", None)
-    torch.cuda.empty_cache()
+    first = argparse.Namespace(**{**vars(args), "prefill": args.prefill[:1], "decode_batches": args.decode_batches[:1], "profile": False})
+    bench_model(model, name, "dense", first, ceil, lambda msg: None)
     log(f"  warm-up (untimed): the first prefill and decode cells, {time.perf_counter() - t0:.0f} s")
 
 
@@ -531,7 +520,7 @@ def main(argv=None) -> int:
             notes.append(f"{name} {config}: {how}")
             log(f"{name} {config}: built ({how}) in {time.perf_counter() - t0:.1f} s; weights {wb['total'] / 2**30:.2f} GiB")
             if not rows:
-                warm_up(model, args, log)
+                warm_up(model, name, args, ceil, log)
             rows += bench_model(model, name, config, args, ceil, log)
             del model
             torch._dynamo.reset()  # drop compiled graphs (and the CUDA graphs holding this model's memory)
