@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM, CONFIG_MAPPING, PreTrainedTokenizerFast
 
 import cmoe  # noqa: F401  (registers the cmoe_* Auto classes)
 
@@ -39,6 +40,16 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> torch.n
             if p.ndim == 2:
                 p.normal_(0, 0.08)
     return model.eval()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (99 tokens: fits the tiny models' vocabulary)."""
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(special + [chr(c) for c in range(32, 127)])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def calib(n: int = 4, seqlen: int = 32, vocab: int = 128, seed: int = 1) -> torch.Tensor:

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calib, tiny_model
-from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast
+from conftest import calib, char_tokenizer, tiny_model
 
 import cmoe
 from cmoe import finetune as ft
@@ -43,16 +41,6 @@ def model(base):
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
-
-
-def char_tokenizer():
-    """One token per printable ASCII character (99 tokens: fits the tiny models' vocabulary)."""
-    special = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(special + [chr(c) for c in range(32, 127)])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def test_router_scale_gets_gradient_frozen_weights_do_not(model):

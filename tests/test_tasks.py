@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from rich.console import Console
+from conftest import char_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CONFIG_MAPPING,
@@ -23,16 +24,6 @@ from transformers import (
 
 import cmoe.tasks as T
 from cmoe.tasks import MCItem, TaskError
-
-
-def char_tokenizer():
-    """Character-level tokenizer: one token per printable ASCII character."""
-    special = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(special + [chr(c) for c in range(32, 127)])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
