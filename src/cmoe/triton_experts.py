@@ -688,20 +688,14 @@ def sum_rows(y: torch.Tensor, a: int, pos=None, weight=None, extra=None, by_slot
     return out
 
 
-def _grouped_mm_rows(x, idx, gate_up, down, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [P, d], pos [P]): each (token, slot) pair's expert output through two
-    ``torch._grouped_mm`` calls, unweighted, in row ``pos[t * a + k]`` of y. Static shapes, no
-    host sync."""
+def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None, beside=None) -> torch.Tensor:
+    """[T, d]: the routed experts through two ``torch._grouped_mm`` calls, plus ``extra`` [T, d]
+    (the shared expert's output) if given; with ``beside`` (a ``_Beside`` whose side stream makes
+    ``extra``), the current stream waits for it only after the GEMMs are enqueued. Static shapes,
+    no host sync."""
     y, order = grouped_pairs(x, idx, gate_up, down, lambda gu: glu(gu, act))
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))  # row of each pair
-    return y, pos
-
-
-def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None) -> torch.Tensor:
-    """[T, d]: the routed experts through ``torch._grouped_mm``, plus ``extra`` [T, d] (the shared
-    expert's output) if given."""
-    y, pos = _grouped_mm_rows(x, idx, gate_up, down, act)
-    return sum_rows(y, idx.shape[1], pos, weight, extra)
+    return sum_rows(y, idx.shape[1], pos, weight, beside.wait(extra) if beside is not None else extra)
 
 
 SHARED_STREAM = True  # prefill and the dense path: the shared expert on a second CUDA stream, beside the routed path (H200)
@@ -1259,8 +1253,7 @@ def triton_experts_op(
         extra = dense_expert(x, *shared, act) if ms and not S else None
     fold = shared if S else None
     if path == "grouped_mm":
-        y, pos = _grouped_mm_rows(x, idx, gate_up, down, act)
-        return sum_rows(y, a, pos, weight, beside.wait(extra))[:, None]
+        return _grouped_mm_experts(x, idx, weight, gate_up, down, act, extra, beside)[:, None]
     if path == "gemv":
         out = _gemv_experts(x, idx, weight, gate_up, down, act, shared=fold)[:, None]
     elif path == "few":
