@@ -250,8 +250,11 @@ def _gemv_down(
 
 
 # (BN rows, BK columns, num_warps) of the two GEMV kernels; BN shrinks until the grid has
-# enough programs to fill the GPU
-GEMV_CONFIG = {"gate_up": (8, 512, 4), "down": (8, 512, 4)}
+# enough programs to fill the GPU, BK to d (gate/up) when d is smaller. H200, 4 layers of
+# llama2-7b/llama3-8b shapes, 1-2 tokens: gate/up with (2, 2048, 2) took 0.96-0.88x the time of
+# (8, 512, 4), e.g. S2A2E8 at one token 38.3 against 43.5 us per layer for both kernels
+# (docs/benchmarks/speed-h200.md, "Run q")
+GEMV_CONFIG = {"gate_up": (2, 2048, 2), "down": (8, 512, 4)}
 GEMV_MIN_PROGRAMS = 264  # about 2 per SM of an H200
 
 
@@ -281,6 +284,7 @@ def _gemv_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = No
     code = _ACT_CODE[act]
     bn, bk, nw = cfg["gate_up"]
     bn = _gemv_bn(bn, m, P) if not _INTERPRET else 16
+    bk = min(bk, triton.next_power_of_2(d))
     _gemv_gate_up[(triton.cdiv(m, bn), P)](x, idx, gate_up, sgu, h, d, m, ms, A=a, S=S, ACT=code, BN=bn, BK=bk, num_warps=nw)
     bn, bk, nw = cfg["down"]
     bn = _gemv_bn(bn, d, T) if not _INTERPRET else 16
