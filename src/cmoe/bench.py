@@ -8,8 +8,8 @@ For each model shape (random bf16 weights) and each CMoE config (converted with
 computes from the hidden states it sees): check the fast MoE path against the loop oracle,
 then time a prefill (the forward compiled with ``fullgraph=True``, replayed as a CUDA graph;
 attention through SDPA's causal kernel, ``cmoe.attention``) and greedy decode steps
-(``cmoe.generation``: static KV cache, decode step compiled with ``mode="reduce-overhead",
-fullgraph=True``), the same treatment for dense and MoE. Per cell: time, ratio to dense,
+(``cmoe.generation``: static KV cache, decode step compiled with ``fullgraph=True`` and
+captured in one CUDA graph), the same treatment for dense and MoE. Per cell: time, ratio to dense,
 achieved GB/s (decode) or TFLOP/s (prefill), and the roofline limit ratio
 max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy bandwidth BW and the bf16 matmul
 peak measured at the start of the run, and bytes counting only the experts the routing touches
@@ -383,18 +383,16 @@ def profile_kernels(run, n: int, log, label: str, top: int = 16) -> None:
 @torch.no_grad()
 def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int = 8) -> None:
     """Where one compiled decode step's time goes (``profile_kernels`` over ``n`` steps)."""
-    from cmoe.generation import _cache_kwarg, _forward_logits, compiled_decode_step, get_static_cache
+    from cmoe.generation import _cache_kwarg, _forward_logits, decode_stepper, get_static_cache
 
     kw = _cache_kwarg(model)
     cache = get_static_cache(model, batch, prompt_len + steps + 1)  # the size time_generation compiled for
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
-    state = {"tok": _forward_logits(model, ids, torch.arange(prompt_len, device="cuda")[None], cache, kw).argmax(-1)[:, None],
-             "pos": torch.full((1, 1), prompt_len, dtype=torch.long, device="cuda")}
-    step = compiled_decode_step()
+    state = {"tok": _forward_logits(model, ids, torch.arange(prompt_len, device="cuda")[None], cache, kw).argmax(-1)[:, None]}
+    step = decode_stepper(model, cache, kw, state["tok"], prompt_len, (False, 1.0, None, None), compile=True)
 
     def one_step():
-        state["tok"] = step(model, cache, kw, state["tok"].clone(), state["pos"].clone(), False, 1.0, None, None)
-        state["pos"] += 1
+        state["tok"] = step(state["tok"])
 
     for _ in range(2):
         one_step()

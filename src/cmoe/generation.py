@@ -1,8 +1,12 @@
 """Compiled generation for dense and converted models alike (the fair baseline for speed).
 
 gpt-fast's recipe on a Hugging Face causal LM: a static KV cache, an eager prefill, then a
-one-token decode step compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)``
-(CUDA graphs on the GPU). Sampling happens inside the compiled step, and the loop never waits
+one-token decode step compiled with ``torch.compile(fullgraph=True)``. On the GPU the compiled
+step is captured once in a CUDA graph that also feeds its tokens back and advances the position,
+so a decode step costs the host one replay (about 5 us; ``mode="reduce-overhead"`` took
+0.2-0.4 ms of host time per step on the H200's host, near the GPU time of a batch-1 step, run q
+in docs/benchmarks/speed-h200.md). Caches that keep state on the host (sliding-window layers)
+use ``mode="reduce-overhead"`` instead. Sampling happens inside the step, and the loop never waits
 on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given.
 
     from cmoe.generation import generate, time_generation
@@ -87,6 +91,76 @@ def compiled_decode_step(mode: str = "reduce-overhead"):
     return _COMPILED[mode]
 
 
+def _device_state_only(cache) -> bool:
+    """Whether every layer of ``cache`` keeps its state in device tensors (transformers'
+    ``StaticLayer``: keys, values and the length), so that one captured step stays right at every
+    position. Sliding-window layers also count their length in a Python int."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        type(layer).__name__ == "StaticLayer" and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+        for layer in layers
+    )
+
+
+class _CapturedStep:
+    """The compiled decode step of one (model, cache, batch, sampling) captured in a CUDA graph,
+    with static inputs: a replay reads the tokens in ``tok`` at position ``pos``, writes the next
+    tokens into ``tok`` and adds 1 to ``pos``."""
+
+    def __init__(self, model, cache, cache_kw: str, batch: int, sampling: tuple, pool):
+        device = cache.layers[0].keys.device  # the prefill has filled the cache
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
+        step = compiled_decode_step("default")  # inductor, no CUDA graphs of its own
+        lengths = [layer.cumulative_length.clone() for layer in cache.layers]
+        rng = torch.cuda.get_rng_state(device)  # sampling draws the same numbers whether or not this call captured
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compile, and first calls, outside the capture
+            for _ in range(2):
+                step(model, cache, cache_kw, self.tok, self.pos, *sampling)
+        torch.cuda.current_stream(device).wait_stream(side)
+        for layer, n in zip(cache.layers, lengths):  # undo the warm-up's steps (their keys and
+            layer.cumulative_length.copy_(n)  # values lie past the length, rewritten before use)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.tok.copy_(step(model, cache, cache_kw, self.tok, self.pos, *sampling))
+            self.pos.add_(1)
+        torch.cuda.set_rng_state(rng, device)
+
+
+def decode_stepper(model, cache, cache_kw: str, tok: torch.Tensor, start: int, sampling: tuple, compile: bool):
+    """The decode loop's step, after the prefill: a function of tokens [B, 1] (``tok``'s shape) at
+    positions ``start``, ``start + 1``, ... at successive calls, returning the next tokens [B, 1].
+    ``sampling``: (do_sample, temperature, top_k, top_p). Captured in a CUDA graph where ``compile``
+    and the cache allow; the tensor it returns is then overwritten by the next call."""
+    if compile and tok.is_cuda and _device_state_only(cache):
+        graphs = cache.__dict__.setdefault("_cmoe_captured", {})  # dropped with the cache
+        key = (tok.shape[0], sampling)
+        if key not in graphs:
+            pool = cache.__dict__.setdefault("_cmoe_pool", torch.cuda.graph_pool_handle())
+            graphs[key] = _CapturedStep(model, cache, cache_kw, tok.shape[0], sampling, pool)
+        g = graphs[key]
+        g.pos.fill_(start)
+
+        def replay(tok):
+            if tok is not g.tok:
+                g.tok.copy_(tok)
+            g.graph.replay()
+            return g.tok
+
+        return replay
+    fn = compiled_decode_step() if compile else _decode_step
+    pos = torch.full((1, 1), start, dtype=torch.long, device=tok.device)
+
+    def call(tok):
+        nxt = fn(model, cache, cache_kw, tok.clone(), pos.clone(), *sampling)
+        pos.add_(1)
+        return nxt
+
+    return call
+
+
 def get_static_cache(model, batch_size: int, max_len: int):
     """A StaticCache for ``model``, reused (and reset) across calls of the same size so the
     compiled step keeps its graph."""
@@ -130,8 +204,8 @@ def generate(
 ) -> torch.LongTensor:
     """Generate ``max_new_tokens`` tokens after ``input_ids [B, S]``; returns ``[B, S + n]``.
 
-    ``compile``: compile the decode step with ``mode="reduce-overhead", fullgraph=True`` (CUDA
-    graphs on the GPU; on the CPU plain inductor). With ``eos_token_id``, finished rows are
+    ``compile``: compile the decode step with ``fullgraph=True`` and, on the GPU, capture it in a
+    CUDA graph (``decode_stepper``; on the CPU plain inductor). With ``eos_token_id``, finished rows are
     filled with ``pad_token_id`` (default: the first eos id) and generation stops once every
     row has finished, checked every ``stop_check_every`` tokens (the only host syncs).
     ``max_len`` sizes the KV cache (default S + max_new_tokens); keep it fixed across calls to
@@ -142,7 +216,6 @@ def generate(
     device = input_ids.device
     cache = get_static_cache(model, B, max_len or S + max_new_tokens)
     kw = _cache_kwarg(model)
-    step = compiled_decode_step() if compile else _decode_step
 
     eos = None
     if eos_token_id is not None:
@@ -157,7 +230,7 @@ def generate(
     logits = _forward_logits(model, input_ids, pos, cache, kw)
     tok = sample_logits(logits, do_sample, temperature, top_k, top_p)[:, None]  # [B, 1]
     done = torch.zeros(B, 1, dtype=torch.bool, device=device)
-    pos = torch.full((1, 1), S, dtype=torch.long, device=device)
+    step = decode_stepper(model, cache, kw, tok, S, (do_sample, temperature, top_k, top_p), compile)
     n = max_new_tokens
     for i in range(max_new_tokens):
         if eos is not None:
@@ -169,8 +242,7 @@ def generate(
         if eos is not None and (i + 1) % stop_check_every == 0 and bool(done.all()):
             n = i + 1
             break
-        tok = step(model, cache, kw, tok.clone(), pos.clone(), do_sample, temperature, top_k, top_p)
-        pos += 1
+        tok = step(tok)
     return out[:, : S + n]
 
 
@@ -217,7 +289,6 @@ def time_generation(
     ids = torch.randint(0, V, (batch_size, prompt_len), generator=g).to(device)
     max_len = prompt_len + new_tokens + 1
     kw = _cache_kwarg(model)
-    step = compiled_decode_step() if compile else _decode_step
     pre, dec = [], []
     for r in range(repeats + 1):  # first round: warm-up and compile
         cache = get_static_cache(model, batch_size, max_len)
@@ -227,16 +298,16 @@ def time_generation(
         tok = _forward_logits(model, ids, pos, cache, kw).argmax(-1)[:, None]
         _sync(device)
         t1 = time.perf_counter()
-        pos = torch.full((1, 1), prompt_len, dtype=torch.long, device=device)
+        step = decode_stepper(model, cache, kw, tok, prompt_len, (False, 1.0, None, None), compile)
+        _sync(device)
+        t2 = time.perf_counter()  # after the first round's compilation and capture
         steps = new_tokens if r else 3
         for _ in range(steps):
-            tok = step(model, cache, kw, tok.clone(), pos.clone(), False, 1.0, None, None)
-            pos += 1
+            tok = step(tok)
         _sync(device)
-        t2 = time.perf_counter()
         if r:
             pre.append(t1 - t0)
-            dec.append((t2 - t1) / steps)
+            dec.append((time.perf_counter() - t2) / steps)
     pre.sort()
     dec.sort()
     return GenerationTiming(batch_size, prompt_len, new_tokens, pre[len(pre) // 2], dec[len(dec) // 2])
