@@ -250,10 +250,10 @@ def _gemv_down(
 
 
 # (BN rows, BK columns, num_warps) of the two GEMV kernels; BN shrinks until the grid has
-# enough programs to fill the GPU, BK to d (gate/up) when d is smaller. H200, 4 layers of
-# llama2-7b/llama3-8b shapes, 1-2 tokens: gate/up with (2, 2048, 2) took 0.96-0.88x the time of
-# (8, 512, 4), e.g. S2A2E8 at one token 38.3 against 43.5 us per layer for both kernels
-# (docs/benchmarks/speed-h200.md, "Run q")
+# enough programs to fill the GPU; gate/up's BK is capped at d rounded up to a power of 2.
+# H200, 4 layers of llama2-7b/llama3-8b shapes, 1-2 tokens: with gate/up at (2, 2048, 2) the two
+# kernels took 0.88-0.99x the time they took with (8, 512, 4), e.g. S2A2E8 at one token 38.3
+# against 43.5 us per layer (docs/benchmarks/speed-h200.md, "Run q")
 GEMV_CONFIG = {"gate_up": (2, 2048, 2), "down": (8, 512, 4)}
 GEMV_MIN_PROGRAMS = 264  # about 2 per SM of an H200
 
