@@ -113,3 +113,8 @@ def test_captured_decode_step_matches_eager_on_the_gpu(tiny):
         stop = int(eager[0, 8])  # eos: the rows that produce it are padded after it, as in eager decoding
         assert torch.equal(generate(model, ids, 9, eos_token_id=stop, pad_token_id=0),
                            generate(model, ids, 9, eos_token_id=stop, pad_token_id=0, compile=False))
+        before = cache.__dict__["_cmoe_captured"]
+        with torch.no_grad():  # a weight replaced (new memory): the graph is captured again, on the new weights
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight * -1.0)
+        assert torch.equal(generate(model, ids, 9, compile=True), generate(model, ids, 9, compile=False))
+        assert cache.__dict__["_cmoe_captured"] is not before

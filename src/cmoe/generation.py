@@ -20,6 +20,7 @@ Prompts of one batch share their length (no padding); positions run from 0.
 from __future__ import annotations
 
 import inspect
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -135,7 +136,10 @@ def decode_stepper(model, cache, cache_kw: str, tok: torch.Tensor, start: int, s
     ``sampling``: (do_sample, temperature, top_k, top_p). Captured in a CUDA graph where ``compile``
     and the cache allow; the tensor it returns is then overwritten by the next call."""
     if compile and tok.is_cuda and _device_state_only(cache):
-        graphs = cache.__dict__.setdefault("_cmoe_captured", {})  # dropped with the cache
+        weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+        if cache.__dict__.get("_cmoe_weights") != weights:  # first call, or weights replaced or moved since
+            cache.__dict__.update(_cmoe_weights=weights, _cmoe_captured={})  # (the graphs read fixed addresses)
+        graphs = cache.__dict__["_cmoe_captured"]  # dropped with the cache
         key = (tok.shape[0], sampling)
         if key not in graphs:
             pool = cache.__dict__.setdefault("_cmoe_pool", torch.cuda.graph_pool_handle())
