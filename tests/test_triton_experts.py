@@ -284,6 +284,22 @@ def test_fused_router_matches(T, E, a, act, dtype, kind):
     assert torch.equal(i1, i2) and torch.equal(w1, w2)
 
 
+@pytest.mark.parametrize("d", [150, 330, 64])
+@pytest.mark.parametrize("kind", ["analytical", "linear"])
+def test_fused_router_sums_every_slice_of_d(monkeypatch, d, kind):
+    """Few tokens: the scores are summed over slices of d of 64 columns: 3 (the last one partial),
+    6, and a single slice."""
+    monkeypatch.setattr(te, "ROUTE_SPLIT_K", 64)
+    r = _router(9, 2, "silu", torch.float32, d=d, kind=kind)
+    x = torch.randn(5, d, generator=torch.Generator().manual_seed(d)).to(DEVICE)
+    with torch.no_grad():
+        i0, w0, p0 = r.forward_reference(x)
+        i1, w1, p1 = te.fused_route(r, x)
+    torch.testing.assert_close(p1, p0, atol=1e-5, rtol=1e-4)
+    assert torch.equal(i1, i0)
+    torch.testing.assert_close(w1, w0, atol=1e-5, rtol=1e-4)
+
+
 def _moe(dtype=torch.float32, act="silu", a=2, shared=20, router="analytical"):
     spec = MoELayerSpec(hidden_size=36, shared_size=shared, num_experts=5, expert_size=20, top_k=a, act=act, router=router)
     mod = CMoEMLP(spec, impl="triton")
