@@ -1,0 +1,54 @@
+"""Session 13: decode b=1, the GEMV path with the router's reduce in the gate/up kernel (new, three
+launches per layer: ``te.gemv_moe``) against the router op + the experts op (old, four launches),
+dense / old / new alternating, each MoE time against the dense time measured just before.
+
+    PYTHONPATH=src:benchmarks python .carry/s13/ab_gemv.py llama2-7b:S2A2E8 llama3-8b:S2A2E8
+"""
+import datetime
+import sys
+
+import torch
+
+from cmoe import bench
+from cmoe import triton_experts as te
+from cmoe.generation import time_generation
+from cmoe.moe import set_expert_impl
+
+NEW = te.gemv_moe
+VARIANTS = ("old", "new", "new512")  # new512: the router's partial scores over slices of 512 columns of d (8 at d = 4096)
+
+
+def use(v):
+    te.gemv_moe = NEW if v.startswith("new") else (lambda layer, x: None)
+    te.ROUTE_SPLIT_K = 512 if v == "new512" else 256
+
+
+def step_ms(model, b=1):
+    torch._dynamo.reset()
+    model.__dict__.pop("_cmoe_static_caches", None)
+    torch.cuda.empty_cache()
+    return time_generation(model, b, 512, new_tokens=32, compile=True, repeats=3).decode_s * 1e3
+
+
+print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} {torch.cuda.get_device_name()}", flush=True)
+for job in sys.argv[1:]:
+    shape, config, rounds = (job.split(":") + ["2"])[:3]
+    dense = bench.build_dense(shape, layers=4)
+    moe = bench.build_dense(shape, layers=4)
+    bench.convert_model_(moe, config, (2, 512))
+    set_expert_impl(moe, "auto")
+    for v in VARIANTS:
+        use(v)
+        print(f"{shape} {config} {v}: check vs loop oracle: max rel err {bench.check_fast_path(moe, tokens=(1, 2, 3)):.1e}", flush=True)
+    step_ms(dense)
+    for rnd in range(int(rounds)):
+        d = step_ms(dense)
+        line = [f"{shape} {config} round {rnd} b=1: dense {d:.4f}"]
+        for v in VARIANTS:
+            use(v)
+            t = step_ms(moe)
+            line.append(f"{v} {t:.4f} ({d / t:.4f}x)")
+        use("new")
+        print(", ".join(line), " ms", flush=True)
+    del dense, moe
+    torch.cuda.empty_cache()
