@@ -318,8 +318,8 @@ def test_cmoe_mlp_triton_matches_reference(T, shared, router):
         torch.testing.assert_close(mod(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("B,T,counts", [(1, 3, False), (2, 17, False), (1, 70, False), (1, 70, True)],
-                         ids=["few", "grouped", "dense-op", "dense-torch"])
+@pytest.mark.parametrize("B,T,counts", [(1, 1, False), (1, 3, False), (2, 17, False), (1, 70, False), (1, 70, True)],
+                         ids=["gemv-op", "few", "grouped", "dense-op", "dense-torch"])
 def test_cmoe_mlp_compiles_fullgraph(B, T, counts, monkeypatch):
     monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 64)  # 70 tokens: the dense path, as one op or (load counts
     mod = _moe()  # asked for) as torch ops
@@ -420,7 +420,7 @@ def test_masked_path_routes_like_the_fused_router():
     assert ((out - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-4
 
 
-@pytest.mark.parametrize("op", ["triton_masked_op", "triton_dense_op"])
+@pytest.mark.parametrize("op", ["triton_gemv_op", "triton_masked_op", "triton_dense_op"])
 def test_whole_layer_op_fake_matches_real(op):
     mod = _moe(shared=30)
     x = torch.randn(7, 36).to(DEVICE)
@@ -531,6 +531,69 @@ def test_dense_layer_path_beside_in_a_cuda_graph(monkeypatch):
         g.replay()
         monkeypatch.setattr(te, "SHARED_STREAM", False)
         assert torch.equal(out, _dense_layer(mod, x))
+
+
+# ----------------------------------------------------------------------------- GEMV path (the whole layer)
+def _gemv_layer(mod, x):
+    return te.triton_gemv_op(x, *te.layer_args(mod))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,a,shared,router", [(1, 2, 20, "analytical"), (1, 1, 45, "linear"), (2, 2, 30, "analytical"),
+                                               (1, 3, 0, "linear")])
+def test_gemv_layer_path_matches_reference(T, a, shared, router, dtype):
+    """The GEMV path's op (the router beside the shared pieces' gate/up, then the chosen experts)
+    against the loop oracle: one and two tokens, a partial last shared piece (45, 30) or no shared
+    expert, both routers, two experts that no token may choose (router bias), every activation."""
+    for act in ACTS:
+        mod = _moe(dtype, act=act, a=a, shared=shared, router=router)
+        mod.router.bias[-2:] = -10.0  # p + b is below every other expert's: never chosen
+        with torch.no_grad():
+            mod.router.scale.copy_(torch.linspace(-0.5, 0.5, 5))  # weights 1 + p v differ from 1
+            x = torch.randn(T, 36, generator=torch.Generator().manual_seed(T + a)).to(DEVICE, dtype)
+            out = _gemv_layer(mod, x)
+            idx, w, _ = te.fused_route(mod.router, x)  # the routing as the op computes it (ties broken alike)
+            assert not (idx >= mod.spec.num_experts - 2).any()
+            ref = oracle(x, idx, w, mod.experts.gate_up_proj, mod.experts.down_proj, act)
+            if shared:
+                ref = ref + shared_oracle(x, mod.shared_gate_up.weight, mod.shared_down.weight, act)
+        assert out.shape == (T, 36) and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], act
+
+
+def test_gemv_layer_path_is_taken_where_the_rule_says(monkeypatch):
+    """``layer_forward``: the GEMV path's op while tokens x top_k is at most GEMV_MAX_PAIRS in
+    layers with a shared expert, and not with ROUTER_BESIDE off (route and experts as two ops)."""
+    mod = _moe(a=2, shared=20)
+    x = torch.randn(3, 36).to(DEVICE)
+    with torch.no_grad():
+        out = te.layer_forward(mod, x[:2])  # 4 pairs
+        torch.testing.assert_close(out, _gemv_layer(mod, x[:2]))
+        torch.testing.assert_close(out, mod.forward_reference(x[:2]), atol=1e-4, rtol=1e-4)
+        assert te.gemv_moe(mod, x) is None  # 6 pairs: the few-token path
+        assert te.gemv_moe(_moe(a=2, shared=0), x[:1]) is None  # no shared expert: nothing beside the router
+        monkeypatch.setattr(te, "ROUTER_BESIDE", False)
+        assert te.gemv_moe(mod, x[:1]) is None
+        torch.testing.assert_close(mod(x[:1]), mod.forward_reference(x[:1]), atol=1e-4, rtol=1e-4)  # route, then experts
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")
+def test_gemv_layer_path_beside_in_a_cuda_graph(monkeypatch):
+    """The router on the second stream: same output as in order, also replayed from a CUDA graph."""
+    mod = _moe(torch.bfloat16, a=2, shared=30)
+    x = torch.randn(1, 36, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(te, "ROUTER_BESIDE", False)
+        in_order = _gemv_layer(mod, x)
+        monkeypatch.setattr(te, "ROUTER_BESIDE", True)
+        assert torch.equal(_gemv_layer(mod, x), in_order)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = _gemv_layer(mod, x)
+        x.mul_(-1)
+        g.replay()
+        monkeypatch.setattr(te, "ROUTER_BESIDE", False)
+        assert torch.equal(out, _gemv_layer(mod, x))
 
 
 # ----------------------------------------------------------------------------- grouped_mm path (prefill)

@@ -190,12 +190,13 @@ def _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
 def _gemv_gate_up(
     x_ptr, idx_ptr, w_ptr, sw_ptr, h_ptr,  # x [T, d], idx [T, A], gate_up [E, 2m, d], shared_gate_up [2ms, d], h [T, S+A, m] fp32
     d, m, ms,
-    A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    A: tl.constexpr, S: tl.constexpr, SLOT0: tl.constexpr, NSLOT: tl.constexpr, ACT: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    p = tl.program_id(1)  # (token, slot) pair
-    t = p // (S + A)
-    slot = p % (S + A)
+    p = tl.program_id(1)  # (token, slot) pair, over the slots SLOT0 .. SLOT0 + NSLOT - 1
+    t = p // NSLOT
+    slot = SLOT0 + p % NSLOT
     offs_n = pid_n * BN + tl.arange(0, BN)
     e = slot.to(tl.int64)  # virtual expert: a shared piece, or the routed expert chosen in this slot
     if slot >= S:
@@ -214,7 +215,7 @@ def _gemv_gate_up(
         acc_u += tl.load(wu + offs_k[None, :], mask=mk, other=0.0, eviction_policy="evict_first").to(tl.float32) * xk
     g = tl.sum(acc_g, 1)
     u = tl.sum(acc_u, 1)
-    tl.store(h_ptr + p * m + offs_n, _act(g, ACT) * u, mask=n_ok)
+    tl.store(h_ptr + (t * (S + A) + slot) * m + offs_n, _act(g, ACT) * u, mask=n_ok)
 
 
 @triton.jit
@@ -270,26 +271,44 @@ def _shared_pieces(shared, m: int) -> tuple[int, int]:
     return ms, triton.cdiv(ms, m)
 
 
+def _gemv_gate_up_slots(x, idx, gate_up, shared_gate_up, h, ms: int, S: int, act: str, slots: range, cfg: dict) -> None:
+    """h[:, slots] (h [T, S + a, m] float32): act(gate) * up of each token's slots in ``slots``."""
+    T, d = x.shape
+    m = h.shape[2]
+    P = T * len(slots)
+    if not P:
+        return
+    bn, bk, nw = cfg["gate_up"]
+    bn = _gemv_bn(bn, m, P) if not _INTERPRET else 16
+    bk = min(bk, triton.next_power_of_2(d))
+    _gemv_gate_up[(triton.cdiv(m, bn), P)](
+        x, idx, gate_up, shared_gate_up, h, d, m, ms,
+        A=idx.shape[1], S=S, SLOT0=slots.start, NSLOT=len(slots), ACT=_ACT_CODE[act], BN=bn, BK=bk, num_warps=nw,
+    )
+
+
+def _gemv_down_all(h, idx, weight, down, shared_down, ms: int, S: int, cfg: dict, dtype: torch.dtype) -> torch.Tensor:
+    """[T, d] in ``dtype``: every slot of h [T, S + a, m] through its down projection, the routed
+    ones with their routing weights."""
+    T, a = idx.shape
+    d, m = down.shape[1], down.shape[2]
+    out = torch.empty(T, d, device=h.device, dtype=dtype)
+    bn, bk, nw = cfg["down"]
+    bn = _gemv_bn(bn, d, T) if not _INTERPRET else 16
+    _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, shared_down, out, d, m, ms, A=a, S=S, BN=bn, BK=bk, num_warps=nw)
+    return out
+
+
 def _gemv_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None, shared=None) -> torch.Tensor:
     """``shared``: None or (shared_gate_up [2ms, d], shared_down [d, ms]), added to the output."""
     cfg = cfg or GEMV_CONFIG
     T, a = idx.shape
-    d = x.shape[1]
     m = down.shape[2]
     ms, S = _shared_pieces(shared, m)
     sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
-    P = T * (S + a)
-    h = torch.empty(P, m, device=x.device, dtype=torch.float32)
-    out = torch.empty_like(x)
-    code = _ACT_CODE[act]
-    bn, bk, nw = cfg["gate_up"]
-    bn = _gemv_bn(bn, m, P) if not _INTERPRET else 16
-    bk = min(bk, triton.next_power_of_2(d))
-    _gemv_gate_up[(triton.cdiv(m, bn), P)](x, idx, gate_up, sgu, h, d, m, ms, A=a, S=S, ACT=code, BN=bn, BK=bk, num_warps=nw)
-    bn, bk, nw = cfg["down"]
-    bn = _gemv_bn(bn, d, T) if not _INTERPRET else 16
-    _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, sd, out, d, m, ms, A=a, S=S, BN=bn, BK=bk, num_warps=nw)
-    return out
+    h = torch.empty(T, S + a, m, device=x.device, dtype=torch.float32)
+    _gemv_gate_up_slots(x, idx, gate_up, sgu, h, ms, S, act, range(S + a), cfg)
+    return _gemv_down_all(h, idx, weight, down, sd, ms, S, cfg, x.dtype)
 
 
 # ----------------------------------------------------------------------------- few-token path
@@ -1186,11 +1205,62 @@ def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
     return triton_dense_op(x, *layer_args(layer))
 
 
+# ----------------------------------------------------------------------------- GEMV path: the whole layer
+# Decode at batch 1 in layers with a shared expert: the router's two small kernels run on a second
+# stream (``_Beside``) beside the shared pieces' gate/up GEMV, which does not need the routing;
+# then the chosen experts' gate/up GEMV and the down GEMV over every slot. The same kernels as
+# ``_gemv_experts``, with the router off the critical path.
+ROUTER_BESIDE = True  # the GEMV path: the router on a second CUDA stream, beside the shared expert's gate/up
+
+
+@torch.library.custom_op("cmoe::triton_gemv_moe", mutates_args=())
+def triton_gemv_op(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, shared_gate_up: torch.Tensor | None,
+    shared_down: torch.Tensor | None, router_gate: torch.Tensor, router_up: torch.Tensor, bias: torch.Tensor,
+    scale: torch.Tensor, linear: bool, act: str, top_k: int,
+) -> torch.Tensor:
+    """The whole CMoE FFN (router, shared and routed experts) on the GEMV path: [T, d]."""
+    _check(x, None, None, gate_up, down, act)
+    T, d = x.shape
+    m = down.shape[2]
+    shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if shared_down is not None else None
+    ms, S = _shared_pieces(shared, m)
+    sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    beside = _Beside(x, on=ROUTER_BESIDE)
+    with torch.cuda.stream(beside.side):
+        idx, wt, _ = triton_route_op(x, router_gate, router_up, bias, scale, act, top_k, linear)
+        routed = beside.mark()
+    h = torch.empty(T, S + top_k, m, device=x.device, dtype=torch.float32)
+    _gemv_gate_up_slots(x, idx, gate_up, sgu, h, ms, S, act, range(S), GEMV_CONFIG)  # idx: not read for these slots
+    beside.wait_mark(routed, idx, wt)
+    _gemv_gate_up_slots(x, idx, gate_up, sgu, h, ms, S, act, range(S, S + top_k), GEMV_CONFIG)
+    return _gemv_down_all(h, idx, wt, down, sd, ms, S, GEMV_CONFIG, x.dtype)
+
+
+@triton_gemv_op.register_fake
+def _(x, gate_up, down, shared_gate_up, shared_down, router_gate, router_up, bias, scale, linear, act, top_k):
+    return torch.empty_like(x)
+
+
+def gemv_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """The FFN output [T, d] of a ``CMoEMLP`` on the GEMV path, or None where it does not serve:
+    more pairs than GEMV_MAX_PAIRS, no shared expert (nothing to run beside the router), or
+    ROUTER_BESIDE off."""
+    spec = layer.spec
+    if not (ROUTER_BESIDE and spec.shared_size and 0 < x.shape[0] * spec.top_k <= GEMV_MAX_PAIRS):
+        return None
+    return triton_gemv_op(x, *layer_args(layer))
+
+
 def layer_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """The FFN output [T, d] of a ``CMoEMLP`` from the paths that run the whole layer, router
-    included (masked, dense), or None where neither serves these shapes."""
-    out = masked_moe(layer, x)
-    return out if out is not None else dense_moe(layer, x)
+    included (GEMV, masked, dense), or None where none serves these shapes."""
+    for path in (gemv_moe, masked_moe, dense_moe):
+        out = path(layer, x)
+        if out is not None:
+            return out
+    return None
 
 
 # ----------------------------------------------------------------------------- the op
