@@ -31,7 +31,13 @@ decode layer is two launches (up to ``SHARED_FOLD_MAX_TOKENS`` tokens; beyond, c
 shared expert, which it does faster at prefill sizes). The router (analytical or linear) has
 its own fused kernels (``fused_route``).
 
-Two more paths cover the batches whose routing touches every expert (``CMoEMLP`` picks them):
+Three whole-layer ops take the router in too (``layer_forward``; ``CMoEMLP`` picks them):
+
+- the GEMV path as one op (``gemv_moe``, decode at batch 1 in layers with a shared expert,
+  ``ROUTER_BESIDE``): the router's kernels on a second stream beside the shared pieces' gate/up
+  GEMV, which does not need the routing; then the chosen experts' gate/up and the down GEMV.
+
+For the batches whose routing touches every expert:
 
 - the masked path (``masked_moe``, 2-64 tokens, ``use_masked``): the whole layer, router
   included, in two kernels; every token through every expert's gate/up, the routing applied
@@ -1210,6 +1216,8 @@ def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
 # stream (``_Beside``) beside the shared pieces' gate/up GEMV, which does not need the routing;
 # then the chosen experts' gate/up GEMV and the down GEMV over every slot. The same kernels as
 # ``_gemv_experts``, with the router off the critical path.
+# H200, batch-1 decode, 4 layers: 0.4-1.2 % less per step than the router then the experts as two ops, in
+# 10 of 10 alternating pairs (llama2-7b and llama3-8b; docs/benchmarks/speed-h200.md, "Run s")
 ROUTER_BESIDE = True  # the GEMV path: the router on a second CUDA stream, beside the shared expert's gate/up
 
 
@@ -1221,7 +1229,7 @@ def triton_gemv_op(
 ) -> torch.Tensor:
     """The whole CMoE FFN (router, shared and routed experts) on the GEMV path: [T, d]."""
     _check(x, None, None, gate_up, down, act)
-    T, d = x.shape
+    T = x.shape[0]
     m = down.shape[2]
     shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if shared_down is not None else None
     ms, S = _shared_pieces(shared, m)
