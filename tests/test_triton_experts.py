@@ -472,19 +472,33 @@ def _dense_layer(mod, x):
     return te.triton_dense_op(x, *te.layer_args(mod))
 
 
+def _gemv_layer(mod, x):
+    return te.triton_gemv_op(x, *te.layer_args(mod))
+
+
+LAYER_OPS = {"dense": _dense_layer, "gemv": _gemv_layer}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("T,a,shared,router", [(1, 2, 20, "analytical"), (3, 1, 30, "linear"), (17, 3, 0, "analytical"),
-                                               (70, 2, 45, "linear")])
-def test_dense_layer_path_matches_reference(T, a, shared, router, dtype):
+@pytest.mark.parametrize("op,T,a,shared,router", [
+    ("dense", 1, 2, 20, "analytical"), ("dense", 3, 1, 30, "linear"), ("dense", 17, 3, 0, "analytical"),
+    ("dense", 70, 2, 45, "linear"),
+    ("gemv", 1, 2, 20, "analytical"), ("gemv", 1, 1, 45, "linear"), ("gemv", 2, 2, 30, "analytical"),
+    ("gemv", 1, 3, 0, "linear"),
+])
+def test_whole_layer_op_matches_reference(op, T, a, shared, router, dtype):
     """The dense path's op (router, shared expert and every routed expert, the routing as a mask)
-    against the loop oracle: one token, odd counts, a partial shared piece or none, two experts
-    that no token chooses (router bias), every activation."""
+    and the GEMV path's (the router beside the shared pieces' gate/up, then the chosen experts)
+    against the loop oracle: one token, odd counts, a partial last shared piece (45, 30) or none,
+    both routers, routing weights 1 + p v other than 1, two experts that no token chooses (router
+    bias), every activation."""
     for act in ACTS:
         mod = _moe(dtype, act=act, a=a, shared=shared, router=router)
         mod.router.bias[-2:] = -10.0  # p + b is below every other expert's: never chosen
-        x = torch.randn(T, 36).to(DEVICE, dtype)
         with torch.no_grad():
-            out = _dense_layer(mod, x)
+            mod.router.scale.copy_(torch.linspace(-0.5, 0.5, 5))
+            x = torch.randn(T, 36, generator=torch.Generator().manual_seed(T + a)).to(DEVICE, dtype)
+            out = LAYER_OPS[op](mod, x)
             idx, w, _ = te.fused_route(mod.router, x)  # the routing as the op computes it (ties broken alike)
             assert not (idx >= mod.spec.num_experts - 2).any()
             ref = oracle(x, idx, w, mod.experts.gate_up_proj, mod.experts.down_proj, act)
@@ -514,53 +528,27 @@ def test_dense_layer_path_is_taken_where_the_rule_says(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")
-def test_dense_layer_path_beside_in_a_cuda_graph(monkeypatch):
-    """The router and the shared expert on the second stream: same output as in order, also
-    replayed from a CUDA graph."""
-    mod = _moe(torch.bfloat16, shared=30)
-    x = torch.randn(131, 36, device=DEVICE, dtype=torch.bfloat16)
+@pytest.mark.parametrize("op,flag,T", [("dense", "SHARED_STREAM", 131), ("gemv", "ROUTER_BESIDE", 1)])
+def test_whole_layer_op_beside_in_a_cuda_graph(monkeypatch, op, flag, T):
+    """Work on the second stream (dense path: the router and the shared expert; GEMV path: the
+    router): same output as in order, also replayed from a CUDA graph."""
+    mod = _moe(torch.bfloat16, a=2, shared=30)
+    x = torch.randn(T, 36, device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():
-        monkeypatch.setattr(te, "SHARED_STREAM", False)
-        in_order = _dense_layer(mod, x)
-        monkeypatch.setattr(te, "SHARED_STREAM", True)
-        assert torch.equal(_dense_layer(mod, x), in_order)
+        monkeypatch.setattr(te, flag, False)
+        in_order = LAYER_OPS[op](mod, x)
+        monkeypatch.setattr(te, flag, True)
+        assert torch.equal(LAYER_OPS[op](mod, x), in_order)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = _dense_layer(mod, x)
+            out = LAYER_OPS[op](mod, x)
         x.mul_(-1)
         g.replay()
-        monkeypatch.setattr(te, "SHARED_STREAM", False)
-        assert torch.equal(out, _dense_layer(mod, x))
+        monkeypatch.setattr(te, flag, False)
+        assert torch.equal(out, LAYER_OPS[op](mod, x))
 
 
 # ----------------------------------------------------------------------------- GEMV path (the whole layer)
-def _gemv_layer(mod, x):
-    return te.triton_gemv_op(x, *te.layer_args(mod))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("T,a,shared,router", [(1, 2, 20, "analytical"), (1, 1, 45, "linear"), (2, 2, 30, "analytical"),
-                                               (1, 3, 0, "linear")])
-def test_gemv_layer_path_matches_reference(T, a, shared, router, dtype):
-    """The GEMV path's op (the router beside the shared pieces' gate/up, then the chosen experts)
-    against the loop oracle: one and two tokens, a partial last shared piece (45, 30) or no shared
-    expert, both routers, two experts that no token may choose (router bias), every activation."""
-    for act in ACTS:
-        mod = _moe(dtype, act=act, a=a, shared=shared, router=router)
-        mod.router.bias[-2:] = -10.0  # p + b is below every other expert's: never chosen
-        with torch.no_grad():
-            mod.router.scale.copy_(torch.linspace(-0.5, 0.5, 5))  # weights 1 + p v differ from 1
-            x = torch.randn(T, 36, generator=torch.Generator().manual_seed(T + a)).to(DEVICE, dtype)
-            out = _gemv_layer(mod, x)
-            idx, w, _ = te.fused_route(mod.router, x)  # the routing as the op computes it (ties broken alike)
-            assert not (idx >= mod.spec.num_experts - 2).any()
-            ref = oracle(x, idx, w, mod.experts.gate_up_proj, mod.experts.down_proj, act)
-            if shared:
-                ref = ref + shared_oracle(x, mod.shared_gate_up.weight, mod.shared_down.weight, act)
-        assert out.shape == (T, 36) and out.dtype == dtype
-        assert rel_err(out, ref) < TOL[dtype], act
-
-
 def test_gemv_layer_path_is_taken_where_the_rule_says(monkeypatch):
     """``layer_forward``: the GEMV path's op while tokens x top_k is at most GEMV_MAX_PAIRS in
     layers with a shared expert, and not with ROUTER_BESIDE off (route and experts as two ops)."""
@@ -575,25 +563,6 @@ def test_gemv_layer_path_is_taken_where_the_rule_says(monkeypatch):
         monkeypatch.setattr(te, "ROUTER_BESIDE", False)
         assert te.gemv_moe(mod, x[:1]) is None
         torch.testing.assert_close(mod(x[:1]), mod.forward_reference(x[:1]), atol=1e-4, rtol=1e-4)  # route, then experts
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")
-def test_gemv_layer_path_beside_in_a_cuda_graph(monkeypatch):
-    """The router on the second stream: same output as in order, also replayed from a CUDA graph."""
-    mod = _moe(torch.bfloat16, a=2, shared=30)
-    x = torch.randn(1, 36, device=DEVICE, dtype=torch.bfloat16)
-    with torch.no_grad():
-        monkeypatch.setattr(te, "ROUTER_BESIDE", False)
-        in_order = _gemv_layer(mod, x)
-        monkeypatch.setattr(te, "ROUTER_BESIDE", True)
-        assert torch.equal(_gemv_layer(mod, x), in_order)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = _gemv_layer(mod, x)
-        x.mul_(-1)
-        g.replay()
-        monkeypatch.setattr(te, "ROUTER_BESIDE", False)
-        assert torch.equal(out, _gemv_layer(mod, x))
 
 
 # ----------------------------------------------------------------------------- grouped_mm path (prefill)
