@@ -9,7 +9,8 @@ computes from the hidden states it sees): check the fast MoE path against the lo
 then time a prefill (the forward compiled with ``fullgraph=True``, replayed as a CUDA graph;
 attention through SDPA's causal kernel, ``cmoe.attention``) and greedy decode steps
 (``cmoe.generation``: static KV cache, decode step compiled with ``fullgraph=True`` and
-captured in one CUDA graph), the same treatment for dense and MoE. Per cell: time, ratio to dense,
+captured in one CUDA graph), each with q/k/v as one GEMM (``cmoe.fused_qkv``): the same treatment
+for dense and MoE. Per cell: time, ratio to dense,
 achieved GB/s (decode) or TFLOP/s (prefill), and the roofline limit ratio
 max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy bandwidth BW and the bf16 matmul
 peak measured at the start of the run, and bytes counting only the experts the routing touches
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch._dynamo
+
+from cmoe.fused_qkv import fused_qkv, with_fused_qkv
 
 MODELS = {
     "llama2-7b": dict(
@@ -322,7 +325,8 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
     for b, s in args.prefill:
         ids = torch.randint(0, model.config.vocab_size, (b, s), device="cuda")
         compiled = not (args.no_compile or args.eager_prefill)
-        with unpadded_prefill():  # random ids: no padding, SDPA's causal kernel for dense and MoE alike
+        # random ids: no padding, SDPA's causal kernel; q/k/v as one GEMM (as in generation), dense and MoE alike
+        with unpadded_prefill(), fused_qkv(model):
             fwd = prefill_forward(model, ids, compile=compiled)
             t, how = time_prefill(fwd)
             how = ("compiled" if compiled else "eager") + ", " + how
@@ -381,6 +385,7 @@ def profile_kernels(run, n: int, log, label: str, top: int = 16) -> None:
 
 
 @torch.no_grad()
+@with_fused_qkv  # as time_generation ran it
 def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int = 8) -> None:
     """Where one compiled decode step's time goes (``profile_kernels`` over ``n`` steps)."""
     from cmoe.generation import _cache_kwarg, _forward_logits, decode_stepper, get_static_cache

@@ -7,7 +7,8 @@ so a decode step costs the host one replay (about 5 us; ``mode="reduce-overhead"
 0.2-0.4 ms of host time per step on the H200's host, near the GPU time of a batch-1 step, run q
 in docs/benchmarks/speed-h200.md). Caches that keep state on the host (sliding-window layers)
 use ``mode="reduce-overhead"`` instead. Sampling happens inside the step, and the loop never waits
-on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given.
+on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given. Attentions
+compute q, k and v with one GEMM while generating (``cmoe.fused_qkv``; no weight is copied).
 
     from cmoe.generation import generate, time_generation
     out = generate(model, input_ids, max_new_tokens=64)              # greedy, [B, S + 64]
@@ -25,6 +26,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from .fused_qkv import with_fused_qkv
 
 try:  # transformers >= 5: static layers track their length on the device
     from transformers import StaticCache
@@ -192,6 +195,7 @@ def _prepare_experts(model) -> None:
 
 # ----------------------------------------------------------------------------- public API
 @torch.no_grad()
+@with_fused_qkv
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -273,6 +277,7 @@ def _sync(device):
 
 
 @torch.no_grad()
+@with_fused_qkv
 def time_generation(
     model,
     batch_size: int,
