@@ -5,8 +5,8 @@ same hidden states: three GEMMs (three GEMVs at decode batch 1) that read the in
 and pay three launches and three tails. Inside ``fused_qkv(model)`` each attention whose three
 projections are plain ``nn.Linear`` of one input size, dtype and device (with biases on all three
 or on none) computes ``[q; k; v]`` with one weight and hands k and v to ``k_proj`` and ``v_proj``.
-On an H200 this made the dense LLaMA-2-7B decode step at batch 1 5.8 % faster (run s, item 5 in
-docs/benchmarks/speed-h200.md).
+On an H200 this made the dense LLaMA-2-7B-shaped decode step at batch 1 5.5 % faster (0.698 ->
+0.660 ms, 4 layers; run t in docs/benchmarks/speed-h200.md).
 
 No weight is copied: the first entry moves q, k and v into one ``[nq + nk + nv, d]`` storage, one
 attention at a time, and leaves the three parameters as views of it (the same ``Parameter``
