@@ -119,3 +119,20 @@ def test_save_and_load_after_generation(tmp_path):
     loaded = cmoe.load(cmoe.save(model, tmp_path / "ckpt"))  # q/k/v now share a storage
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
     assert torch.equal(generate(loaded, ids, 5, compile=False), out)
+
+
+def test_inference_mode_leaves_normal_parameters_and_offloaded_layers_are_skipped():
+    model = tiny_model("llama")
+    ids = calib(1, 5, seed=8)
+    with torch.inference_mode(), fused_qkv(model) as fused:
+        assert len(fused) == 2
+        model(ids)
+    w = attentions(model)[0].q_proj.weight
+    assert not w.is_inference()  # still usable for training
+    w.requires_grad_(True)
+    model(ids).logits.sum().backward()
+    assert w.grad is not None
+    offloaded = tiny_model("llama")
+    offloaded.model.layers[0].self_attn.k_proj._hf_hook = object()  # as accelerate's device_map leaves it
+    with torch.no_grad(), fused_qkv(offloaded) as fused:
+        assert fused == [offloaded.model.layers[1].self_attn]

@@ -106,7 +106,8 @@ def _fuse_storage(params: list[nn.Parameter]) -> torch.Tensor:
     """Moves ``params`` (same trailing shape) into one new tensor, concatenated along dim 0, and
     makes each a view of its rows; returns the new tensor. The old storages are freed when nothing
     else holds them, so the peak extra memory is one attention's projections."""
-    fused = torch.cat([p.data for p in params])
+    with torch.inference_mode(False):  # a normal tensor even under inference_mode (training may follow)
+        fused = torch.cat([p.data for p in params])
     start = 0
     for p in params:
         p.data = fused[start : start + p.shape[0]]
@@ -122,7 +123,8 @@ def fusable(attn: nn.Module) -> bool:
     w = [p.weight for p in projs]
     has_bias = [p.bias is not None for p in projs]
     return (
-        len({(t.shape[1], t.dtype, t.device) for t in w}) == 1
+        not any(hasattr(p, "_hf_hook") or p.weight.device.type == "meta" for p in projs)  # offloaded (accelerate)
+        and len({(t.shape[1], t.dtype, t.device) for t in w}) == 1
         and len(set(has_bias)) == 1
         and len({id(t) for t in w}) == 3
     )
