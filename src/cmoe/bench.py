@@ -10,8 +10,8 @@ then time a prefill (the forward compiled with ``fullgraph=True``, replayed as a
 attention through SDPA's causal kernel, ``cmoe.attention``) and greedy decode steps
 (``cmoe.generation``: static KV cache, decode step compiled with ``fullgraph=True`` and
 captured in one CUDA graph), each with q/k/v as one GEMM (``cmoe.fused_qkv``): the same treatment
-for dense and MoE. Per cell: time, ratio to dense,
-achieved GB/s (decode) or TFLOP/s (prefill), and the roofline limit ratio
+for dense and MoE. Per cell: time, ratio to dense, achieved GB/s (decode) or TFLOP/s (prefill),
+and the roofline limit ratio
 max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy bandwidth BW and the bf16 matmul
 peak measured at the start of the run, and bytes counting only the experts the routing touches
 in that step.
