@@ -262,15 +262,11 @@ def _gemv_down(
 # kernels took 0.88-0.99x the time they took with (8, 512, 4), e.g. S2A2E8 at one token 38.3
 # against 43.5 us per layer (docs/benchmarks/speed-h200.md, "Run q")
 GEMV_CONFIG = {"gate_up": (2, 2048, 2), "down": (8, 512, 4)}
-# Fewest programs per launch (BN halves until reached): about 8 per SM of an H200 for gate/up, 2 for down.
-# H200, one token, 16 layer copies: a gate/up launch of one m = 1376 or 1792 slot (S1A1E8, S2A2E16) took
-# 8.1-9.8 us with 1,056 (BN 1) against 8.7-11.0 with 264 (BN 2); launches of 2 or more such slots have
-# 1,056 programs at BN 2 already. Down was 1-25 % slower at 1,056 (raw/h200-2026-11-30-t/gemv-sweep.txt)
-GEMV_MIN_PROGRAMS = {"gate_up": 1056, "down": 264}
+GEMV_MIN_PROGRAMS = 264  # about 2 per SM of an H200
 
 
-def _gemv_bn(bn: int, rows: int, programs_other: int, min_programs: int) -> int:
-    while bn > 1 and triton.cdiv(rows, bn) * programs_other < min_programs:
+def _gemv_bn(bn: int, rows: int, programs_other: int) -> int:
+    while bn > 1 and triton.cdiv(rows, bn) * programs_other < GEMV_MIN_PROGRAMS:
         bn //= 2
     return bn
 
@@ -289,7 +285,7 @@ def _gemv_gate_up_slots(x, idx, gate_up, shared_gate_up, h, ms: int, S: int, act
     if not P:
         return
     bn, bk, nw = cfg["gate_up"]
-    bn = _gemv_bn(bn, m, P, GEMV_MIN_PROGRAMS["gate_up"]) if not _INTERPRET else 16
+    bn = _gemv_bn(bn, m, P) if not _INTERPRET else 16
     bk = min(bk, triton.next_power_of_2(d))
     _gemv_gate_up[(triton.cdiv(m, bn), P)](
         x, idx, gate_up, shared_gate_up, h, d, m, ms,
@@ -304,7 +300,7 @@ def _gemv_down_all(h, idx, weight, down, shared_down, ms: int, S: int, cfg: dict
     d, m = down.shape[1], down.shape[2]
     out = torch.empty(T, d, device=h.device, dtype=dtype)
     bn, bk, nw = cfg["down"]
-    bn = _gemv_bn(bn, d, T, GEMV_MIN_PROGRAMS["down"]) if not _INTERPRET else 16
+    bn = _gemv_bn(bn, d, T) if not _INTERPRET else 16
     _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, shared_down, out, d, m, ms, A=a, S=S, BN=bn, BK=bk, num_warps=nw)
     return out
 
