@@ -85,11 +85,11 @@ class _Fused:
         projs = [getattr(attn, p) for p in PROJ]
         self.originals = projs
         with torch.no_grad():
-            self.weight = _fuse_storage([p.weight for p in projs])
-            self.bias = None if projs[0].bias is None else _fuse_storage([p.bias for p in projs])
+            weight = _fuse_storage([p.weight for p in projs])
+            bias = None if projs[0].bias is None else _fuse_storage([p.bias for p in projs])
         sizes = [p.weight.shape[0] for p in projs]
         h = _Handoff()
-        self.modules = [_QKV(projs[0], self.weight, self.bias, sizes, h), _Take(projs[1], "k", h), _Take(projs[2], "v", h)]
+        self.modules = [_QKV(projs[0], weight, bias, sizes, h), _Take(projs[1], "k", h), _Take(projs[2], "v", h)]
         self.ptrs = self._param_ptrs()
 
     def _param_ptrs(self) -> tuple:
@@ -143,7 +143,7 @@ def fuse_qkv_(model: nn.Module) -> list[nn.Module]:
             continue
         stash = attn.__dict__.get(_STASH)
         if stash is not None and stash.valid_for(attn):
-            if getattr(attn, "q_proj") is stash.modules[0]:
+            if attn.q_proj is stash.modules[0]:
                 continue  # already fused (an outer fused_qkv)
         elif fusable(attn):
             stash = attn.__dict__[_STASH] = _Fused(attn)

@@ -1197,9 +1197,12 @@ def triton_dense_op(
     return sum_rows(y.view(E * T, d), E, extra=beside.wait(extra), by_slot=True)
 
 
-@triton_dense_op.register_fake
-def _(x, gate_up, down, shared_gate_up, shared_down, router_gate, router_up, bias, scale, linear, act, top_k):
+def _whole_layer_fake(x, gate_up, down, shared_gate_up, shared_down, router_gate, router_up, bias, scale, linear, act, top_k):
+    """The output of the whole-layer ops that return only [T, d] (dense, GEMV) for tracing."""
     return torch.empty_like(x)
+
+
+triton_dense_op.register_fake(_whole_layer_fake)
 
 
 def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -1246,9 +1249,7 @@ def triton_gemv_op(
     return _gemv_down_all(h, idx, wt, down, sd, ms, S, GEMV_CONFIG, x.dtype)
 
 
-@triton_gemv_op.register_fake
-def _(x, gate_up, down, shared_gate_up, shared_down, router_gate, router_up, bias, scale, linear, act, top_k):
-    return torch.empty_like(x)
+triton_gemv_op.register_fake(_whole_layer_fake)
 
 
 def gemv_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
