@@ -204,25 +204,24 @@ def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def test_shared_expert_beyond_the_fold_limit(monkeypatch):
-    """Many tokens: the shared expert runs as a dense GEMM next to the kernels; same result."""
-    monkeypatch.setattr(te, "SHARED_FOLD_MAX_TOKENS", 4)
-    x, idx, w, gu, dn = problem(9, 2, 5, seed=4)
-    sgu, sd = _shared(30, seed=4)
-    out = experts.run_experts("triton", x, idx, w, gu, dn, "gelu_tanh", shared=(sgu, sd))
-    ref = oracle(x, idx, w, gu, dn, "gelu_tanh") + shared_oracle(x, sgu, sd, "gelu_tanh")
-    assert rel_err(out, ref) < TOL[torch.float32]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("a", [1, 2])
+def test_shared_expert_beyond_the_fold_limit(monkeypatch, a, dtype):
+    """Many tokens: the shared expert runs as a dense GEMM next to the kernels; same result (also
+    for one token, and with experts that get none)."""
+    for name in ("SHARED_FOLD_MAX_TOKENS", "GEMV_MAX_PAIRS", "FEW_MAX_TOKENS"):  # the prefill path from one token
+        monkeypatch.setattr(te, name, 0)
+    for T in (1, 9):
+        assert te._plan(T, a, 30, 20, 5) == ("grouped", 0)
+        x, idx, w, gu, dn = problem(T, a, 5, dtype=dtype, seed=4 + T, empty=2)
+        sgu, sd = _shared(30, dtype=dtype, seed=4)
+        y = te.triton_experts_op(x, idx, w, gu, dn, "gelu_tanh", sgu, sd)
+        assert y.shape == (T, 1, x.shape[1])  # one output per token: the op adds everything itself
+        ref = oracle(x, idx, w, gu, dn, "gelu_tanh") + shared_oracle(x, sgu, sd, "gelu_tanh")
+        assert rel_err(y[:, 0], ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("impl", ["loop", "gather", "grouped", "select", "dense"])
-def test_torch_paths_add_the_shared_expert(impl):
-    x, idx, w, gu, dn = problem(3, 2, 5, d=48, m=24, seed=5)
-    sgu, sd = _shared(24, d=48, seed=5)
-    out = experts.run_experts(impl, x, idx, w, gu, dn, "silu", shared=(sgu, sd))
-    assert rel_err(out, oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")) < TOL[torch.float32]
-
-
-@pytest.mark.parametrize("T,a,E,bt", [(1, 1, 3, 16), (17, 3, 6, 16), (129, 2, 8, 64), (300, 2, 40, 16)])
+@pytest.mark.parametrize("T,a,E,bt", [(1, 1, 3, 16), (17, 3, 6, 16), (129, 2, 8, 64), (256, 1, 5, 64), (300, 2, 40, 16)])
 @pytest.mark.parametrize("shared", [0, 2])
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
 def test_align_covers_every_pair_once(T, a, E, bt, shared, kernel):
@@ -597,16 +596,16 @@ def test_grouped_mm_path_in_the_op_adds_the_shared_expert(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")
-@pytest.mark.parametrize("gmm", [True, False], ids=["grouped_mm", "grouped"])
-def test_shared_expert_beside_the_routed_path_in_a_cuda_graph(monkeypatch, gmm):
+@pytest.mark.parametrize("gmm,a", [(True, 2), (False, 2), (False, 1)], ids=["grouped_mm", "grouped", "grouped-one-slot"])
+def test_shared_expert_beside_the_routed_path_in_a_cuda_graph(monkeypatch, gmm, a):
     """Prefill sizes: the shared expert runs on a second stream; same output as in order, also
     replayed from a CUDA graph (the second stream forks from and joins the captured one)."""
     _prefill_sizes(monkeypatch, 20)
     if not gmm:
         monkeypatch.setattr(te, "GROUPED_MM_MIN_ROWS", 10**9)
-    x, idx, w, gu, dn = problem(300, 2, 7, d=64, m=32, dtype=torch.bfloat16, seed=14, empty=1)
+    x, idx, w, gu, dn = problem(300, a, 7, d=64, m=32, dtype=torch.bfloat16, seed=14, empty=1)
     sgu, sd = _shared(40, d=64, dtype=torch.bfloat16, seed=14)
-    assert te._plan(300, 2, 40, 32, 7, te.grouped_mm_ok(x, 64, 32))[0] == ("grouped_mm" if gmm else "grouped")
+    assert te._plan(300, a, 40, 32, 7, te.grouped_mm_ok(x, 64, 32))[0] == ("grouped_mm" if gmm else "grouped")
     monkeypatch.setattr(te, "SHARED_STREAM", False)
     in_order = te.triton_experts_op(x, idx, w, gu, dn, "silu", sgu, sd)
     monkeypatch.setattr(te, "SHARED_STREAM", True)

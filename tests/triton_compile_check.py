@@ -81,8 +81,11 @@ def cases():
         yield (f"sum_rows *bf16 pos={pos} extra={extra}", te._sum_rows, gptrs,
                dict(A=3, POS=pos, WEIGHT=pos, EXTRA=extra, BD=1024))
     for S in (0, 3):
-        yield (f"align S={S}", te._align_kernel, {"x": "*i32", "idx_ptr": "*i64"},
-               dict(A=3, S=S, BT=64, CHUNK=512, EB=16, TB=512))
+        yield (f"align_count S={S}", te._align_count_kernel, {"x": "*i32", "idx_ptr": "*i64"},
+               dict(A=3, S=S, CHUNK=256, EB=16))
+        for one in (False, True):
+            yield (f"align_place S={S} one={one}", te._align_place_kernel, {"x": "*i32", "idx_ptr": "*i64"},
+                   dict(A=3, S=S, BT=64, CHUNK=256, EB=16, CB=32, TB=512, ONE=one))
     for xdt, wdt in (("*bf16", "*bf16"), ("*bf16", "*fp32"), ("*fp32", "*fp32")):
         ieee = wdt == "*fp32" or xdt == "*fp32"
         rptrs = {"x": wdt, "x_ptr": xdt, "bias_ptr": "*fp32", "scale_ptr": "*fp32", "idx_ptr": "*i64",

@@ -94,6 +94,7 @@ _ACT_CODE = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 # Path and tile choices (tuned on an H200, see docs/benchmarks/speed-h200.md).
 GEMV_MAX_PAIRS = 4  # T * a up to this: the GEMV (decode) path
 ALIGN_KERNEL_MAX_PAIRS = 8192  # above: sort-based alignment with torch ops
+ALIGN_CHUNK = 256  # pairs per program of the alignment kernels
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -433,39 +434,53 @@ def _pair_experts(idx_ptr, p, ok, A: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _align_kernel(
-    idx_ptr, sorted_ptr, tile_expert_ptr,  # idx [T, A] (routed); sorted [max_tiles * BT]; tile_expert [max_tiles]
-    P, NE, max_tiles,
-    A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr, TB: tl.constexpr,
-):
-    """One program: pairs grouped by virtual expert (stable), each group padded to a multiple of BT
-    with the sentinel P; tile_expert[i] = virtual expert of tile i, -1 past the last tile. Every
-    step works on all experts at once ([CHUNK, EB] blocks), so its time does not grow with E."""
+def _align_count_kernel(idx_ptr, counts_ptr, P, A: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr):
+    """counts[c, e]: the pairs of chunk c (pairs c * CHUNK ...) that go to virtual expert e."""
+    c = tl.program_id(0)
+    p = c * CHUNK + tl.arange(0, CHUNK)
+    ok = p < P
     offs_e = tl.arange(0, EB)
-    counts = tl.zeros((EB,), tl.int32)
-    for start in range(0, P, CHUNK):  # pass 1: pairs per expert
-        p = start + tl.arange(0, CHUNK)
-        ok = p < P
-        hit = (_pair_experts(idx_ptr, p, ok, A, S)[:, None] == offs_e[None, :]) & ok[:, None]
-        counts += tl.sum(hit.to(tl.int32), 0)
+    hit = (_pair_experts(idx_ptr, p, ok, A, S)[:, None] == offs_e[None, :]) & ok[:, None]
+    tl.store(counts_ptr + c * EB + offs_e, tl.sum(hit.to(tl.int32), 0))
+
+
+@triton.jit
+def _align_place_kernel(
+    idx_ptr, counts_ptr, sorted_ptr, tile_expert_ptr,  # idx [T, A]; counts [NCH, EB]; sorted [max_tiles * BT]; tile_expert [max_tiles]
+    P, NE, NCH, max_tiles,
+    A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr,
+    TB: tl.constexpr, ONE: tl.constexpr,
+):
+    """Program c places the pairs of chunk c: row = first row of its expert's tiles + the pairs of
+    that expert in earlier chunks + its rank in the chunk (so the order is stable). Program 0 also
+    writes the padding rows (the sentinel P) and tile_expert (-1 past the last tile). ONE: a
+    single chunk holds every pair; the program counts them itself (counts not read)."""
+    c = tl.program_id(0)
+    offs_e = tl.arange(0, EB)
+    p = c * CHUNK + tl.arange(0, CHUNK)
+    ok = p < P
+    hit = ((_pair_experts(idx_ptr, p, ok, A, S)[:, None] == offs_e[None, :]) & ok[:, None]).to(tl.int32)
+    if ONE:
+        counts = tl.sum(hit, 0)
+        before = tl.zeros((EB,), tl.int32)
+    else:
+        ch = tl.arange(0, CB)
+        per_chunk = tl.load(counts_ptr + ch[:, None] * EB + offs_e[None, :], mask=ch[:, None] < NCH, other=0)
+        counts = tl.sum(per_chunk, 0)
+        before = tl.sum(tl.where(ch[:, None] < c, per_chunk, 0), 0)
     ntiles = (counts + BT - 1) // BT
     tile_end = tl.cumsum(ntiles, 0)
     first = (tile_end - ntiles) * BT  # first row of each expert's tiles
-    seen = tl.zeros((EB,), tl.int32)
-    for start in range(0, P, CHUNK):  # pass 2: each pair's row = first row of its expert + its rank
-        p = start + tl.arange(0, CHUNK)
-        ok = p < P
-        hit = ((_pair_experts(idx_ptr, p, ok, A, S)[:, None] == offs_e[None, :]) & ok[:, None]).to(tl.int32)
-        rank = tl.cumsum(hit, 0) - 1 + seen[None, :] + first[None, :]
-        tl.store(sorted_ptr + tl.sum(hit * rank, 1), p, mask=ok)
-        seen += tl.sum(hit, 0)
-    pad = tl.arange(0, BT)  # the padding rows of each expert's last tile
-    tl.store(sorted_ptr + (first + counts)[:, None] + pad[None, :], P + tl.zeros((EB, BT), tl.int32),
-             mask=pad[None, :] < (ntiles * BT - counts)[:, None])
-    for t0 in range(0, max_tiles, TB):
-        tt = t0 + tl.arange(0, TB)
-        e = tl.sum((tile_end[None, :] <= tt[:, None]).to(tl.int32), 1)  # experts whose tiles end before tt
-        tl.store(tile_expert_ptr + tt, tl.where(e < NE, e, -1), mask=tt < max_tiles)
+    rank = tl.cumsum(hit, 0) - 1 + (before + first)[None, :]
+    tl.store(sorted_ptr + tl.sum(hit * rank, 1), p, mask=ok)
+    if c == 0:
+        pad = tl.arange(0, BT)  # the padding rows of each expert's last tile
+        tl.store(sorted_ptr + (first + counts)[:, None] + pad[None, :], P + tl.zeros((EB, BT), tl.int32),
+                 mask=pad[None, :] < (ntiles * BT - counts)[:, None])
+        for t0 in range(0, max_tiles, TB):
+            tt = t0 + tl.arange(0, TB)
+            e = tl.sum((tile_end[None, :] <= tt[:, None]).to(tl.int32), 1)  # experts whose tiles end before tt
+            tl.store(tile_expert_ptr + tt, tl.where(e < NE, e, -1), mask=tt < max_tiles)
 
 
 def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,9 +502,15 @@ def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tupl
         sorted_ids = torch.empty(max_tiles * bt, device=idx.device, dtype=torch.int32)
         tile_expert = torch.empty(max_tiles, device=idx.device, dtype=torch.int32)
         eb = max(16, triton.next_power_of_2(NE))
-        chunk = max(16, min(triton.next_power_of_2(P), 8192 // eb))
-        _align_kernel[(1,)](idx, sorted_ids, tile_expert, P, NE, max_tiles, A=a, S=shared, BT=bt, CHUNK=chunk, EB=eb,
-                            TB=max(16, min(triton.next_power_of_2(max_tiles), 8192 // eb)), num_warps=4)
+        chunk = max(16, min(ALIGN_CHUNK, triton.next_power_of_2(P), 8192 // eb))
+        nch = max(1, triton.cdiv(P, chunk))  # one program per chunk of pairs (at least one: it writes tile_expert)
+        counts = tile_expert  # placeholder for one chunk, not read
+        if nch > 1:
+            counts = torch.empty(nch, eb, device=idx.device, dtype=torch.int32)
+            _align_count_kernel[(nch,)](idx, counts, P, A=a, S=shared, CHUNK=chunk, EB=eb, num_warps=4)
+        _align_place_kernel[(nch,)](idx, counts, sorted_ids, tile_expert, P, NE, nch, max_tiles, A=a, S=shared, BT=bt,
+                                    CHUNK=chunk, EB=eb, CB=max(2, triton.next_power_of_2(nch)), ONE=nch == 1,
+                                    TB=max(16, min(triton.next_power_of_2(max_tiles), 8192 // eb)), num_warps=4)
         return sorted_ids, tile_expert
     # many pairs: parallel torch ops, still static shapes and no host sync
     flat = idx + shared
