@@ -86,12 +86,12 @@ def _run(path, x, idx, w, gu, dn, act):
     if path == "grouped":
         return te._grouped_experts(x, idx, w, gu, dn, act).sum(1)  # one output per (token, slot)
     if path == "grouped-sorted":  # the torch-ops alignment used for very many pairs
-        old = te.ALIGN_KERNEL_MAX_PAIRS
-        te.ALIGN_KERNEL_MAX_PAIRS = 0
+        old = te.ALIGN_KERNEL_MAX_COUNTS
+        te.ALIGN_KERNEL_MAX_COUNTS = 0
         try:
             return te._grouped_experts(x, idx, w, gu, dn, act).sum(1)
         finally:
-            te.ALIGN_KERNEL_MAX_PAIRS = old
+            te.ALIGN_KERNEL_MAX_COUNTS = old
     return experts.run_experts("triton", x, idx, w, gu, dn, act)  # the registered op
 
 
@@ -223,15 +223,14 @@ def test_shared_expert_beyond_the_fold_limit(monkeypatch, a, dtype):
 
 @pytest.mark.parametrize("T,a,E,bt", [(1, 1, 3, 16), (17, 3, 6, 16), (129, 2, 8, 64), (256, 1, 5, 64), (300, 2, 40, 16)])
 @pytest.mark.parametrize("shared", [0, 2])
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
-def test_align_covers_every_pair_once(T, a, E, bt, shared, kernel):
+@pytest.mark.parametrize("kernel", ["kernel", "kernel-small-loads", "torch"])
+def test_align_covers_every_pair_once(monkeypatch, T, a, E, bt, shared, kernel):
+    """Also with the per-chunk counts read two chunks at a time (small loads)."""
     _, idx, *_ = problem(T, a, E)
-    old = te.ALIGN_KERNEL_MAX_PAIRS
-    te.ALIGN_KERNEL_MAX_PAIRS = 1 << 30 if kernel else 0
-    try:
-        sorted_ids, tile_expert = te.align(idx, E, bt, shared)
-    finally:
-        te.ALIGN_KERNEL_MAX_PAIRS = old
+    monkeypatch.setattr(te, "ALIGN_KERNEL_MAX_COUNTS", 0 if kernel == "torch" else 1 << 30)
+    if kernel == "kernel-small-loads":
+        monkeypatch.setattr(te, "ALIGN_COUNT_BLOCK", 32)
+    sorted_ids, tile_expert = te.align(idx, E, bt, shared)
     P = T * (shared + a)
     max_tiles = -(-P // bt) + shared + E
     assert sorted_ids.shape == (max_tiles * bt,) and tile_expert.shape == (max_tiles,)  # static shapes

@@ -93,8 +93,12 @@ _ACT_CODE = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
 # Path and tile choices (tuned on an H200, see docs/benchmarks/speed-h200.md).
 GEMV_MAX_PAIRS = 4  # T * a up to this: the GEMV (decode) path
-ALIGN_KERNEL_MAX_PAIRS = 8192  # above: sort-based alignment with torch ops
+# the alignment kernels while their per-chunk counts (chunks x experts) are at most this many; beyond,
+# sort-based torch ops (each program reads every count: H200, 3.5-13.7x faster than the torch ops up to
+# 32,768 counts, 0.52x at 131,072; docs/benchmarks/speed-h200.md, run u)
+ALIGN_KERNEL_MAX_COUNTS = 32768
 ALIGN_CHUNK = 256  # pairs per program of the alignment kernels
+ALIGN_COUNT_BLOCK = 4096  # per-chunk counts (chunks x experts) per load in the placing kernel
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -464,10 +468,13 @@ def _align_place_kernel(
         counts = tl.sum(hit, 0)
         before = tl.zeros((EB,), tl.int32)
     else:
-        ch = tl.arange(0, CB)
-        per_chunk = tl.load(counts_ptr + ch[:, None] * EB + offs_e[None, :], mask=ch[:, None] < NCH, other=0)
-        counts = tl.sum(per_chunk, 0)
-        before = tl.sum(tl.where(ch[:, None] < c, per_chunk, 0), 0)
+        counts = tl.zeros((EB,), tl.int32)
+        before = tl.zeros((EB,), tl.int32)
+        for c0 in range(0, NCH, CB):  # the counts of every chunk, CB chunks per load
+            ch = c0 + tl.arange(0, CB)
+            per_chunk = tl.load(counts_ptr + ch[:, None] * EB + offs_e[None, :], mask=ch[:, None] < NCH, other=0)
+            counts += tl.sum(per_chunk, 0)
+            before += tl.sum(tl.where(ch[:, None] < c, per_chunk, 0), 0)
     ntiles = (counts + BT - 1) // BT
     tile_end = tl.cumsum(ntiles, 0)
     first = (tile_end - ntiles) * BT  # first row of each expert's tiles
@@ -498,18 +505,19 @@ def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tupl
     T, a = idx.shape
     NE, P = shared + num_experts, T * (shared + a)
     max_tiles = triton.cdiv(P, bt) + NE
-    if P <= ALIGN_KERNEL_MAX_PAIRS:
+    eb = max(16, triton.next_power_of_2(NE))
+    chunk = max(16, min(ALIGN_CHUNK, triton.next_power_of_2(P), 8192 // eb))
+    nch = max(1, triton.cdiv(P, chunk))  # one program per chunk of pairs (at least one: it writes tile_expert)
+    if nch * eb <= ALIGN_KERNEL_MAX_COUNTS:
         sorted_ids = torch.empty(max_tiles * bt, device=idx.device, dtype=torch.int32)
         tile_expert = torch.empty(max_tiles, device=idx.device, dtype=torch.int32)
-        eb = max(16, triton.next_power_of_2(NE))
-        chunk = max(16, min(ALIGN_CHUNK, triton.next_power_of_2(P), 8192 // eb))
-        nch = max(1, triton.cdiv(P, chunk))  # one program per chunk of pairs (at least one: it writes tile_expert)
         counts = tile_expert  # placeholder for one chunk, not read
         if nch > 1:
             counts = torch.empty(nch, eb, device=idx.device, dtype=torch.int32)
             _align_count_kernel[(nch,)](idx, counts, P, A=a, S=shared, CHUNK=chunk, EB=eb, num_warps=4)
+        cb = max(2, min(triton.next_power_of_2(nch), ALIGN_COUNT_BLOCK // eb))
         _align_place_kernel[(nch,)](idx, counts, sorted_ids, tile_expert, P, NE, nch, max_tiles, A=a, S=shared, BT=bt,
-                                    CHUNK=chunk, EB=eb, CB=max(2, triton.next_power_of_2(nch)), ONE=nch == 1,
+                                    CHUNK=chunk, EB=eb, CB=cb, ONE=nch == 1,
                                     TB=max(16, min(triton.next_power_of_2(max_tiles), 8192 // eb)), num_warps=4)
         return sorted_ids, tile_expert
     # many pairs: parallel torch ops, still static shapes and no host sync
