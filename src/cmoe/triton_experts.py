@@ -15,8 +15,8 @@ Three expert paths, chosen from static shapes (so a decode step captures in a CU
   expert's weights, read once; ``_few_down`` does the same per group of experts (tokens that did
   not choose an expert get weight 0) and writes one partial sum per group.
 - many pairs (larger batches, prefill): pairs are grouped by expert on the device and padded to
-  tiles of ``BT`` rows (``align``: one Triton program for moderate counts, sort-based torch ops
-  beyond); ``_grouped_gate_up`` is a grouped GEMM with gate and up fused and the activation in
+  tiles of ``BT`` rows (``align``: two Triton kernels, one program per 256 pairs, that count and
+  then place them; sort-based torch ops for very many); ``_grouped_gate_up`` is a grouped GEMM with gate and up fused and the activation in
   the epilogue; ``_grouped_down`` multiplies by the routing weight and writes each pair's row.
 - prefill in bf16 on Hopper, once every expert gets ``GROUPED_MM_MIN_ROWS`` rows on average:
   torch's grouped GEMM (``torch._grouped_mm``, CUTLASS) for both projections, with our kernels
