@@ -251,6 +251,22 @@ def test_align_covers_every_pair_once(monkeypatch, T, a, E, bt, shared, kernel):
         assert (row[len(pairs):] == P).all()  # padding only at the end
 
 
+@pytest.mark.parametrize("T,a,E", [(1, 1, 4), (3, 2, 5), (300, 2, 7), (700, 3, 40)])
+@pytest.mark.parametrize("kernel", ["kernel", "kernel-small-loads", "torch"])
+def test_sort_pairs_orders_by_expert_stably(monkeypatch, T, a, E, kernel):
+    """The grouped_mm path's sort: the same order as a stable sort of the pairs by expert, each
+    expert's end row, and each pair's row; one chunk and many, experts that get no pair."""
+    _, idx, *_ = problem(T, a, E, empty=2)
+    monkeypatch.setattr(te, "ALIGN_KERNEL_MAX_COUNTS", 0 if kernel == "torch" else 1 << 30)
+    if kernel == "kernel-small-loads":
+        monkeypatch.setattr(te, "ALIGN_COUNT_BLOCK", 32)
+    order, ends, pos = te.sort_pairs(idx, E)
+    flat = idx.reshape(-1).cpu()
+    assert torch.equal(order.long().cpu(), torch.sort(flat, stable=True).indices)
+    assert ends.dtype == torch.int32 and torch.equal(ends.long().cpu(), torch.bincount(flat, minlength=E).cumsum(0))
+    assert torch.equal(pos.long().cpu()[order.long().cpu()], torch.arange(T * a))
+
+
 # ----------------------------------------------------------------------------- fused router
 def _router(E, a, act, dtype, d=40, seed=0, kind="analytical"):
     spec = MoELayerSpec(hidden_size=d, shared_size=0, num_experts=E, expert_size=4, top_k=a, act=act, router=kind)

@@ -120,13 +120,15 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return fn(a, b, offs=offs)
 
 
-def grouped_pairs(x, idx, gate_up, down, glu_fn) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_pairs(x, idx, gate_up, down, glu_fn, order_ends=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [P, d], order [P]): the P = T*a (token, slot) pairs sorted by expert on the device (pair
     ``order[i]`` is row i, its token ``order[i] // a``) and each one's expert output, unweighted,
-    through two grouped GEMMs; ``glu_fn`` turns the gate/up rows [P, 2m] into [P, m]. No host sync."""
+    through two grouped GEMMs; ``glu_fn`` turns the gate/up rows [P, 2m] into [P, m]. No host sync.
+    ``order_ends``: (order, ends [E] int32, each expert's end row) when the caller sorted already."""
     a, E = idx.shape[1], gate_up.shape[0]
-    order = sort_by_expert(idx.reshape(-1), E)
-    ends = expert_counts(idx, E).cumsum(0).to(torch.int32)  # end row of each expert's group
+    if order_ends is None:
+        order_ends = sort_by_expert(idx.reshape(-1), E), expert_counts(idx, E).cumsum(0).to(torch.int32)
+    order, ends = order_ends
     gu = grouped_mm(x.index_select(0, order // a), gate_up.transpose(1, 2), ends)  # [P, 2m]
     return grouped_mm(glu_fn(gu), down.transpose(1, 2), ends), order
 

@@ -449,17 +449,12 @@ def _align_count_kernel(idx_ptr, counts_ptr, P, A: tl.constexpr, S: tl.constexpr
 
 
 @triton.jit
-def _align_place_kernel(
-    idx_ptr, counts_ptr, sorted_ptr, tile_expert_ptr,  # idx [T, A]; counts [NCH, EB]; sorted [max_tiles * BT]; tile_expert [max_tiles]
-    P, NE, NCH, max_tiles,
-    A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr,
-    TB: tl.constexpr, ONE: tl.constexpr,
-):
-    """Program c places the pairs of chunk c: row = first row of its expert's tiles + the pairs of
-    that expert in earlier chunks + its rank in the chunk (so the order is stable). Program 0 also
-    writes the padding rows (the sentinel P) and tile_expert (-1 past the last tile). ONE: a
-    single chunk holds every pair; the program counts them itself (counts not read)."""
-    c = tl.program_id(0)
+def _chunk_ranks(idx_ptr, counts_ptr, c, P, NCH, A: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr,
+                 EB: tl.constexpr, CB: tl.constexpr, ONE: tl.constexpr):
+    """For chunk c: its pairs p (and which exist), each one's rank among the pairs of its virtual
+    expert in pair order (so a placement by rank is stable), its one-hot expert [CHUNK, EB], and
+    the pairs of every expert over all chunks. ONE: a single chunk holds every pair (counts not
+    read)."""
     offs_e = tl.arange(0, EB)
     p = c * CHUNK + tl.arange(0, CHUNK)
     ok = p < P
@@ -475,11 +470,26 @@ def _align_place_kernel(
             per_chunk = tl.load(counts_ptr + ch[:, None] * EB + offs_e[None, :], mask=ch[:, None] < NCH, other=0)
             counts += tl.sum(per_chunk, 0)
             before += tl.sum(tl.where(ch[:, None] < c, per_chunk, 0), 0)
+    rank = tl.sum(hit * (tl.cumsum(hit, 0) - 1 + before[None, :]), 1)
+    return p, ok, rank, hit, counts
+
+
+@triton.jit
+def _align_place_kernel(
+    idx_ptr, counts_ptr, sorted_ptr, tile_expert_ptr,  # idx [T, A]; counts [NCH, EB]; sorted [max_tiles * BT]; tile_expert [max_tiles]
+    P, NE, NCH, max_tiles,
+    A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr,
+    TB: tl.constexpr, ONE: tl.constexpr,
+):
+    """Program c places the pairs of chunk c: row = first row of its expert's tiles + its rank
+    among that expert's pairs. Program 0 also writes the padding rows (the sentinel P) and
+    tile_expert (-1 past the last tile)."""
+    c = tl.program_id(0)
+    p, ok, rank, hit, counts = _chunk_ranks(idx_ptr, counts_ptr, c, P, NCH, A, S, CHUNK, EB, CB, ONE)
     ntiles = (counts + BT - 1) // BT
     tile_end = tl.cumsum(ntiles, 0)
     first = (tile_end - ntiles) * BT  # first row of each expert's tiles
-    rank = tl.cumsum(hit, 0) - 1 + (before + first)[None, :]
-    tl.store(sorted_ptr + tl.sum(hit * rank, 1), p, mask=ok)
+    tl.store(sorted_ptr + rank + tl.sum(hit * first[None, :], 1), p, mask=ok)
     if c == 0:
         pad = tl.arange(0, BT)  # the padding rows of each expert's last tile
         tl.store(sorted_ptr + (first + counts)[:, None] + pad[None, :], P + tl.zeros((EB, BT), tl.int32),
@@ -488,6 +498,65 @@ def _align_place_kernel(
             tt = t0 + tl.arange(0, TB)
             e = tl.sum((tile_end[None, :] <= tt[:, None]).to(tl.int32), 1)  # experts whose tiles end before tt
             tl.store(tile_expert_ptr + tt, tl.where(e < NE, e, -1), mask=tt < max_tiles)
+
+
+@triton.jit
+def _sort_place_kernel(
+    idx_ptr, counts_ptr, order_ptr, pos_ptr, ends_ptr,  # idx [T, A]; counts [NCH, EB]; order, pos [P]; ends [E]
+    P, E, NCH,
+    A: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, ONE: tl.constexpr,
+):
+    """Program c places the pairs of chunk c without padding: row = the pairs of the experts before
+    its own + its rank; order[row] = pair, pos[pair] = row. Program 0 also writes each expert's
+    end row (ends)."""
+    c = tl.program_id(0)
+    p, ok, rank, hit, counts = _chunk_ranks(idx_ptr, counts_ptr, c, P, NCH, A, 0, CHUNK, EB, CB, ONE)
+    ends = tl.cumsum(counts, 0)
+    row = rank + tl.sum(hit * (ends - counts)[None, :], 1)
+    tl.store(order_ptr + row, p, mask=ok)
+    tl.store(pos_ptr + p, row, mask=ok)
+    if c == 0:
+        offs_e = tl.arange(0, EB)
+        tl.store(ends_ptr + offs_e, ends, mask=offs_e < E)
+
+
+def _chunks(P: int, NE: int) -> tuple[int, int, int, int]:
+    """(eb, chunk, nch, cb) of the counting and placing kernels for P pairs over NE experts."""
+    eb = max(16, triton.next_power_of_2(NE))
+    chunk = max(16, min(ALIGN_CHUNK, triton.next_power_of_2(P), 8192 // eb))
+    nch = max(1, triton.cdiv(P, chunk))  # one program per chunk (at least one: it writes the per-expert outputs)
+    return eb, chunk, nch, max(2, min(triton.next_power_of_2(nch), ALIGN_COUNT_BLOCK // eb))
+
+
+def _chunk_counts(idx: torch.Tensor, P: int, eb: int, chunk: int, nch: int, shared: int = 0) -> torch.Tensor:
+    """counts [nch, eb]: the pairs of each chunk per virtual expert. With one chunk, a placeholder
+    that the placing kernels do not read (they count by themselves)."""
+    if nch == 1:
+        return idx
+    counts = torch.empty(nch, eb, device=idx.device, dtype=torch.int32)
+    _align_count_kernel[(nch,)](idx, counts, P, A=idx.shape[1], S=shared, CHUNK=chunk, EB=eb, num_warps=4)
+    return counts
+
+
+def sort_pairs(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The P = T*a (token, slot) pairs of ``idx [T, a]`` sorted by expert, stably, without
+    padding: ``order [P]`` (the pair of each row), ``ends [E] int32`` (each expert's end row) and
+    ``pos [P]`` (the row of each pair). The counting and placing kernels while their counts fit
+    ALIGN_KERNEL_MAX_COUNTS, else torch ops. Static shapes, no host sync."""
+    T, a = idx.shape
+    P = T * a
+    eb, chunk, nch, cb = _chunks(P, num_experts)
+    if nch * eb > ALIGN_KERNEL_MAX_COUNTS:
+        order = sort_by_expert(idx.reshape(-1), num_experts)
+        ends = expert_counts(idx, num_experts).cumsum(0).to(torch.int32)
+        return order, ends, torch.empty_like(order).scatter_(0, order, torch.arange(P, device=idx.device))
+    idx = idx.contiguous()
+    order = torch.empty(P, device=idx.device, dtype=torch.int32)
+    pos = torch.empty(P, device=idx.device, dtype=torch.int32)
+    ends = torch.empty(num_experts, device=idx.device, dtype=torch.int32)
+    _sort_place_kernel[(nch,)](idx, _chunk_counts(idx, P, eb, chunk, nch), order, pos, ends, P, num_experts, nch,
+                               A=a, CHUNK=chunk, EB=eb, CB=cb, ONE=nch == 1, num_warps=4)
+    return order, ends, pos
 
 
 def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,17 +574,11 @@ def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tupl
     T, a = idx.shape
     NE, P = shared + num_experts, T * (shared + a)
     max_tiles = triton.cdiv(P, bt) + NE
-    eb = max(16, triton.next_power_of_2(NE))
-    chunk = max(16, min(ALIGN_CHUNK, triton.next_power_of_2(P), 8192 // eb))
-    nch = max(1, triton.cdiv(P, chunk))  # one program per chunk of pairs (at least one: it writes tile_expert)
+    eb, chunk, nch, cb = _chunks(P, NE)
     if nch * eb <= ALIGN_KERNEL_MAX_COUNTS:
         sorted_ids = torch.empty(max_tiles * bt, device=idx.device, dtype=torch.int32)
         tile_expert = torch.empty(max_tiles, device=idx.device, dtype=torch.int32)
-        counts = tile_expert  # placeholder for one chunk, not read
-        if nch > 1:
-            counts = torch.empty(nch, eb, device=idx.device, dtype=torch.int32)
-            _align_count_kernel[(nch,)](idx, counts, P, A=a, S=shared, CHUNK=chunk, EB=eb, num_warps=4)
-        cb = max(2, min(triton.next_power_of_2(nch), ALIGN_COUNT_BLOCK // eb))
+        counts = _chunk_counts(idx, P, eb, chunk, nch, shared)
         _align_place_kernel[(nch,)](idx, counts, sorted_ids, tile_expert, P, NE, nch, max_tiles, A=a, S=shared, BT=bt,
                                     CHUNK=chunk, EB=eb, CB=cb, ONE=nch == 1,
                                     TB=max(16, min(triton.next_power_of_2(max_tiles), 8192 // eb)), num_warps=4)
@@ -653,7 +716,8 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
 
 # ----------------------------------------------------------------------------- grouped_mm path (prefill)
 # Many tokens in bf16 on a GPU with torch's grouped GEMM (CUTLASS on Hopper): the pairs sorted by
-# expert, x's rows gathered into that order, ``torch._grouped_mm`` for gate/up, the activation,
+# expert (``sort_pairs``: the alignment's counting kernel and a placing kernel without padding),
+# x's rows gathered into that order, ``torch._grouped_mm`` for gate/up, the activation,
 # ``torch._grouped_mm`` for down, then each token's rows summed with its routing weights (and the
 # shared expert's output, computed by cuBLAS) in one pass. Only the glue is ours.
 GROUPED_MM_MIN_ROWS = 640  # from this many (token, expert) pairs per routed expert, on average (H200 sweep)
@@ -751,8 +815,8 @@ def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None, bes
     (the shared expert's output) if given; with ``beside`` (a ``_Beside`` whose side stream makes
     ``extra``), the current stream waits for it only after the GEMMs are enqueued. Static shapes,
     no host sync."""
-    y, order = grouped_pairs(x, idx, gate_up, down, lambda gu: glu(gu, act))
-    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))  # row of each pair
+    order, ends, pos = sort_pairs(idx, gate_up.shape[0])
+    y, _ = grouped_pairs(x, idx, gate_up, down, lambda gu: glu(gu, act), (order, ends))
     return sum_rows(y, idx.shape[1], pos, weight, beside.wait(extra) if beside is not None else extra)
 
 
