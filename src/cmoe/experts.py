@@ -114,6 +114,12 @@ def sort_by_expert(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
     return keys.argsort(stable=True)
 
 
+def expert_order(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [P], ends [E] int32): the P = T*a pairs of ``idx [T, a]`` in a stable order by
+    expert, and the end row of each expert's group, with torch ops on the device."""
+    return sort_by_expert(idx.reshape(-1), num_experts), expert_counts(idx, num_experts).cumsum(0).to(torch.int32)
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """torch's grouped GEMM: rows ``offs[e-1]:offs[e]`` of ``a [R, k]`` times ``b[e] [k, n]``."""
     fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
@@ -126,9 +132,7 @@ def grouped_pairs(x, idx, gate_up, down, glu_fn, order_ends=None) -> tuple[torch
     through two grouped GEMMs; ``glu_fn`` turns the gate/up rows [P, 2m] into [P, m]. No host sync.
     ``order_ends``: (order, ends [E] int32, each expert's end row) when the caller sorted already."""
     a, E = idx.shape[1], gate_up.shape[0]
-    if order_ends is None:
-        order_ends = sort_by_expert(idx.reshape(-1), E), expert_counts(idx, E).cumsum(0).to(torch.int32)
-    order, ends = order_ends
+    order, ends = order_ends if order_ends is not None else expert_order(idx, E)
     gu = grouped_mm(x.index_select(0, order // a), gate_up.transpose(1, 2), ends)  # [P, 2m]
     return grouped_mm(glu_fn(gu), down.transpose(1, 2), ends), order
 

@@ -16,8 +16,9 @@ Three expert paths, chosen from static shapes (so a decode step captures in a CU
   not choose an expert get weight 0) and writes one partial sum per group.
 - many pairs (larger batches, prefill): pairs are grouped by expert on the device and padded to
   tiles of ``BT`` rows (``align``: two Triton kernels, one program per 256 pairs, that count and
-  then place them; sort-based torch ops for very many); ``_grouped_gate_up`` is a grouped GEMM with gate and up fused and the activation in
-  the epilogue; ``_grouped_down`` multiplies by the routing weight and writes each pair's row.
+  then place them; sort-based torch ops for very many); ``_grouped_gate_up`` is a grouped GEMM
+  with gate and up fused and the activation in the epilogue; ``_grouped_down`` multiplies by the
+  routing weight and writes each pair's row.
 - prefill in bf16 on Hopper, once every expert gets ``GROUPED_MM_MIN_ROWS`` rows on average:
   torch's grouped GEMM (``torch._grouped_mm``, CUTLASS) for both projections, with our kernels
   for the glue (the activation, and each token's weighted sum plus the shared expert in one pass).
@@ -67,7 +68,7 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .experts import dense_experts, expert_counts, grouped_pairs, register, shared_expert, sort_by_expert
+from .experts import dense_experts, expert_counts, expert_order, grouped_pairs, register, shared_expert, sort_by_expert
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
@@ -532,7 +533,7 @@ def _chunk_counts(idx: torch.Tensor, P: int, eb: int, chunk: int, nch: int, shar
     """counts [nch, eb]: the pairs of each chunk per virtual expert. With one chunk, a placeholder
     that the placing kernels do not read (they count by themselves)."""
     if nch == 1:
-        return idx
+        return idx.new_empty(0, dtype=torch.int32)
     counts = torch.empty(nch, eb, device=idx.device, dtype=torch.int32)
     _align_count_kernel[(nch,)](idx, counts, P, A=idx.shape[1], S=shared, CHUNK=chunk, EB=eb, num_warps=4)
     return counts
@@ -547,8 +548,7 @@ def sort_pairs(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     P = T * a
     eb, chunk, nch, cb = _chunks(P, num_experts)
     if nch * eb > ALIGN_KERNEL_MAX_COUNTS:
-        order = sort_by_expert(idx.reshape(-1), num_experts)
-        ends = expert_counts(idx, num_experts).cumsum(0).to(torch.int32)
+        order, ends = expert_order(idx, num_experts)
         return order, ends, torch.empty_like(order).scatter_(0, order, torch.arange(P, device=idx.device))
     idx = idx.contiguous()
     order = torch.empty(P, device=idx.device, dtype=torch.int32)
