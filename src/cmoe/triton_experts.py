@@ -439,14 +439,21 @@ def _pair_experts(idx_ptr, p, ok, A: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _align_count_kernel(idx_ptr, counts_ptr, P, A: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr):
-    """counts[c, e]: the pairs of chunk c (pairs c * CHUNK ...) that go to virtual expert e."""
-    c = tl.program_id(0)
+def _chunk_hits(idx_ptr, c, P, A: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr):
+    """The pairs p of chunk c (pairs c * CHUNK ...), which of them exist, and each one's virtual
+    expert one-hot [CHUNK, EB] (int32; rows of missing pairs all 0)."""
     p = c * CHUNK + tl.arange(0, CHUNK)
     ok = p < P
-    offs_e = tl.arange(0, EB)
-    hit = (_pair_experts(idx_ptr, p, ok, A, S)[:, None] == offs_e[None, :]) & ok[:, None]
-    tl.store(counts_ptr + c * EB + offs_e, tl.sum(hit.to(tl.int32), 0))
+    hit = (_pair_experts(idx_ptr, p, ok, A, S)[:, None] == tl.arange(0, EB)[None, :]) & ok[:, None]
+    return p, ok, hit.to(tl.int32)
+
+
+@triton.jit
+def _align_count_kernel(idx_ptr, counts_ptr, P, A: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr):
+    """counts[c, e]: the pairs of chunk c that go to virtual expert e."""
+    c = tl.program_id(0)
+    _, _, hit = _chunk_hits(idx_ptr, c, P, A, S, CHUNK, EB)
+    tl.store(counts_ptr + c * EB + tl.arange(0, EB), tl.sum(hit, 0))
 
 
 @triton.jit
@@ -456,16 +463,14 @@ def _chunk_ranks(idx_ptr, counts_ptr, c, P, NCH, A: tl.constexpr, S: tl.constexp
     expert in pair order (so a placement by rank is stable), its one-hot expert [CHUNK, EB], and
     the pairs of every expert over all chunks. ONE: a single chunk holds every pair (counts not
     read)."""
-    offs_e = tl.arange(0, EB)
-    p = c * CHUNK + tl.arange(0, CHUNK)
-    ok = p < P
-    hit = ((_pair_experts(idx_ptr, p, ok, A, S)[:, None] == offs_e[None, :]) & ok[:, None]).to(tl.int32)
+    p, ok, hit = _chunk_hits(idx_ptr, c, P, A, S, CHUNK, EB)
     if ONE:
         counts = tl.sum(hit, 0)
         before = tl.zeros((EB,), tl.int32)
     else:
         counts = tl.zeros((EB,), tl.int32)
         before = tl.zeros((EB,), tl.int32)
+        offs_e = tl.arange(0, EB)
         for c0 in range(0, NCH, CB):  # the counts of every chunk, CB chunks per load
             ch = c0 + tl.arange(0, CB)
             per_chunk = tl.load(counts_ptr + ch[:, None] * EB + offs_e[None, :], mask=ch[:, None] < NCH, other=0)
