@@ -358,7 +358,7 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
 
 
 @torch.no_grad()
-def profile_kernels(run, n: int, log, label: str, top: int = 16) -> None:
+def profile_kernels(run, n: int, log, label: str, top: int = 40) -> None:
     """Call ``run()`` ``n`` times under torch.profiler and log, per call: wall time (host
     included), GPU busy time (sum of kernel times), GPU span, and the ``top`` kernels by time."""
     from torch.profiler import ProfilerActivity, profile
