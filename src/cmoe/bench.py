@@ -15,6 +15,11 @@ and the roofline limit ratio
 max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy bandwidth BW and the bf16 matmul
 peak measured at the start of the run, and bytes counting only the experts the routing touches
 in that step.
+
+With ``--rest`` it also times each model shape with every FFN removed ("no FFN") and prints where
+each cell's time goes: the rest of the forward, the FFNs in context (the cell's time minus the
+rest) against their floor, and the best ratio that FFNs at their floor could give with the rest as
+measured (``split_table``).
 """
 
 from __future__ import annotations
@@ -92,6 +97,23 @@ def build_dense(name: str, device="cuda", dtype=torch.bfloat16, layers: int | No
     return model.eval()
 
 
+NO_FFN = "no FFN"  # the config name of the rows timed with every FFN removed (--rest)
+
+
+class NoFFN(torch.nn.Module):
+    """Stands in for a decoder layer's FFN in the ``NO_FFN`` rows: returns zeros, so that timing
+    the model times everything but the FFNs (attention, norms, embeddings, lm_head)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def strip_ffn_(model) -> None:
+    """Replace every decoder layer's FFN with ``NoFFN``, in place."""
+    for layer in model.model.layers:
+        layer.mlp = NoFFN()
+
+
 def convert_model_(model, preset: str, calib_tokens=(2, 512), seed: int = 0) -> str:
     """Convert in place with ``cmoe.convert_`` on random calibration ids, every layer at the
     preset's S/A/E (uniform allocation, so that each cell measures that configuration)."""
@@ -134,8 +156,6 @@ def step_cost(model, batch: int, q_len: int, ctx: int, touched: list[int] | None
     """Fewest bytes and flops of one forward of ``batch x q_len`` new tokens with ``ctx``
     positions visible at the end (KV cache read + written). ``touched[l]``: routed experts
     that layer l's routing used (None: dense, or all)."""
-    from cmoe.moe import CMoEMLP
-
     c = model.config
     d, V = c.hidden_size, c.vocab_size
     hd = d // c.num_attention_heads
@@ -147,21 +167,35 @@ def step_cost(model, batch: int, q_len: int, ctx: int, touched: list[int] | None
     byts += V * d * el  # lm_head
     flops = 2 * batch * V * d  # lm_head on the last position only
     avg_ctx = ctx - (q_len - 1) / 2  # causal: mean positions attended
-    for li, layer in enumerate(model.model.layers):
+    for layer in model.model.layers:
         byts += attn_w * el + 2 * d * el  # projections + norms
         byts += batch * 2 * kv * ctx * el  # KV cache read (new rows written: included)
         flops += 2 * tokens * attn_w + 4 * tokens * avg_ctx * d
+        byts += 2 * tokens * d * el * 2  # layer input/output activations (small at decode)
+    ffn = ffn_cost(model, batch, q_len, touched)
+    return Cost(byts + ffn.bytes, flops + ffn.flops)
+
+
+def ffn_cost(model, batch: int, q_len: int, touched: list[int] | None = None) -> Cost:
+    """The FFNs' share of ``step_cost``: their weights' bytes (routed experts: only those that
+    ``touched[l]`` counts, all of them if None) and FLOPs; nothing for ``NoFFN``."""
+    from cmoe.moe import CMoEMLP
+
+    d = model.config.hidden_size
+    el = 2  # bf16
+    tokens = batch * q_len
+    byts = flops = 0
+    for li, layer in enumerate(model.model.layers):
         mlp = layer.mlp
         if isinstance(mlp, CMoEMLP):
             s = mlp.spec
             n_touch = s.num_experts if touched is None else touched[li]
             byts += (3 * d * s.shared_size + n_touch * 3 * d * s.expert_size + 2 * s.num_experts * d) * el
             flops += 2 * tokens * (3 * d * s.active_size + 2 * s.num_experts * d)
-        else:
+        elif not isinstance(mlp, NoFFN):
             f = mlp.gate_proj.weight.shape[0]
             byts += 3 * d * f * el
             flops += 2 * tokens * 3 * d * f
-        byts += 2 * tokens * d * el * 2  # layer input/output activations (small at decode)
     return Cost(byts, flops)
 
 
@@ -303,6 +337,7 @@ class Row:
     cost: Cost
     ratio: float | None = None  # dense time / this time
     limit: float | None = None  # roofline limit ratio
+    ffn: Cost | None = None  # the FFNs' share of ``cost``
     extra: dict = field(default_factory=dict)
 
 
@@ -321,7 +356,7 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
     from cmoe.generation import time_generation
 
     rows = []
-    moe = config != "dense"
+    moe = config not in ("dense", NO_FFN)
     for b, s in args.prefill:
         ids = torch.randint(0, model.config.vocab_size, (b, s), device="cuda")
         compiled = not (args.no_compile or args.eager_prefill)
@@ -335,7 +370,7 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
             if getattr(args, "profile", False):
                 profile_kernels(fwd, 2, log, f"prefill {b}x{s} ({how})")
         cost = step_cost(model, b, s, s, None)
-        rows.append(Row(name, config, "prefill", b, s, t, cost, extra={"timing": how}))
+        rows.append(Row(name, config, "prefill", b, s, t, cost, ffn=ffn_cost(model, b, s), extra={"timing": how}))
         log(f"  prefill {b}x{s}: {t * 1e3:.2f} ms  {cost.flops / t / 1e12:.0f} TFLOP/s ({how})")
         del fwd
         torch.cuda.empty_cache()
@@ -347,7 +382,7 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
         touched = touched_experts(model, b, args.prompt) if moe else None
         ctx = args.prompt + args.steps // 2
         cost = step_cost(model, b, 1, ctx, touched)
-        rows.append(Row(name, config, "decode", b, args.prompt, tg.decode_s, cost, extra={"touched": touched}))
+        rows.append(Row(name, config, "decode", b, args.prompt, tg.decode_s, cost, ffn=ffn_cost(model, b, 1, touched), extra={"touched": touched}))
         log(
             f"  decode b={b}: {tg.decode_s * 1e3:.3f} ms/step  {b / tg.decode_s:.0f} tok/s  "
             f"{cost.bytes / tg.decode_s / 1e9:.0f} GB/s  (wall {time.perf_counter() - t0:.0f} s)" + (f"  touched/layer avg {sum(touched) / len(touched):.1f}" if touched else "")
@@ -405,11 +440,19 @@ def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int =
     model.__dict__.pop("_cmoe_static_caches", None)
 
 
+def _cell(r: Row) -> tuple:
+    return r.model, r.kind, r.batch, r.seq
+
+
+def _cell_name(r: Row) -> str:
+    return f"prefill {r.batch}x{r.seq}" if r.kind == "prefill" else f"decode b={r.batch}"
+
+
 def fill_ratios(rows: list[Row], ceil: dict) -> None:
-    dense = {(r.model, r.kind, r.batch, r.seq): r for r in rows if r.config == "dense"}
+    dense = {_cell(r): r for r in rows if r.config == "dense"}
     for r in rows:
-        d = dense.get((r.model, r.kind, r.batch, r.seq))
-        if d is None:
+        d = dense.get(_cell(r))
+        if d is None or r.config == NO_FFN:
             continue
         r.ratio = d.seconds / r.seconds
         r.limit = d.cost.time(ceil) / r.cost.time(ceil)
@@ -421,7 +464,9 @@ def table(rows: list[Row], ceil: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        cell = f"prefill {r.batch}x{r.seq}" if r.kind == "prefill" else f"decode b={r.batch}"
+        if r.config == NO_FFN:
+            continue
+        cell = _cell_name(r)
         if r.kind == "prefill":
             tm = f"{r.seconds * 1e3:.1f} ms"
             ach = f"{r.cost.flops / r.seconds / 1e12:.0f} TFLOP/s"
@@ -435,9 +480,41 @@ def table(rows: list[Row], ceil: dict) -> str:
     return "\n".join(out)
 
 
+def split_table(rows: list[Row], ceil: dict) -> str:
+    """Where each cell's time goes (``--rest``), from the ``NO_FFN`` row of the same cell: the rest
+    of the forward; the FFNs in context (the model's time minus the rest); the FFNs' floor (their
+    bytes at the copy bandwidth or their FLOPs at the bf16 peak, whichever takes longer); and the
+    best ratio to dense that FFNs at that floor could give with the rest as measured, also as a
+    share of the roofline limit ratio (where that share is under a target, no FFN kernel alone
+    can meet it). Empty without ``NO_FFN`` rows."""
+    rest = {_cell(r): r for r in rows if r.config == NO_FFN}
+    dense = {_cell(r): r for r in rows if r.config == "dense"}
+    out = [
+        "| model | config | cell | rest (no FFN) | FFNs in context | FFNs' floor | floor / in context | best ratio | best / limit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        k = _cell(r)
+        if r.config == NO_FFN or k not in rest or k not in dense or r.ffn is None:
+            continue
+        t_rest, floor = rest[k].seconds, r.ffn.time(ceil)
+        ffn = r.seconds - t_rest
+        best = dense[k].seconds / (t_rest + floor)
+        share = f"{100 * best / r.limit:.1f} %" if r.limit else "-"
+        eff = f"{floor / ffn:.2f}" if ffn > 0 else "-"  # the rest can take longer than the whole, within the noise
+        out.append(
+            f"| {r.model} | {r.config} | {_cell_name(r)} | {t_rest * 1e6:.1f} us | {ffn * 1e6:.1f} us | "
+            f"{floor * 1e6:.1f} us | {eff} | {best:.2f}x | {share} |"
+        )
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def report(rows, memory, ceil, dev, out, log=None, notes=()) -> None:
     fill_ratios(rows, ceil)
     md = table(rows, ceil)
+    split = split_table(rows, ceil)
+    if split:
+        md += "\n\nWhere the time goes (the rest of the forward timed with every FFN removed):\n\n" + split
     mem = ["| model | config | weights | vs dense | router + bookkeeping |", "| --- | --- | --- | --- | --- |"]
     dense_mem = {n: wb["total"] for n, c, wb in memory if c == "dense"}
     for n, c, wb in memory:
@@ -456,7 +533,7 @@ def report(rows, memory, ceil, dev, out, log=None, notes=()) -> None:
             f.write(md + "\n\n" + "\n".join(mem) + "\n")
         with open(os.path.join(out, "speed.json"), "w") as f:
             json.dump(
-                {"device": dev, "ceilings": ceil, "rows": [r.__dict__ | {"cost": r.cost.__dict__} for r in rows],
+                {"device": dev, "ceilings": ceil, "rows": [r.__dict__ | {"cost": r.cost.__dict__, "ffn": r.ffn and r.ffn.__dict__} for r in rows],
                  "memory": memory},
                 f, indent=1, default=str,
             )
@@ -475,6 +552,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="run prefill and decode eagerly (decode without CUDA graphs)")
     p.add_argument("--eager-prefill", action="store_true", help="run the prefill forward eagerly (still replayed as a CUDA graph)")
     p.add_argument("--profile", action="store_true", help="print a kernel profile of each prefill and decode cell")
+    p.add_argument("--rest", action="store_true",
+                   help="also time each model with every FFN removed, and print where each cell's time goes: "
+                        "the rest of the forward, the FFNs in context against their floor, and the best ratio FFNs at that floor could give")
     p.add_argument("--calib", default="2x512", help="calibration tokens NxS for convert_")
     p.add_argument("--out", default=None, help="write the table (markdown) and raw rows (json) here")
     args = p.parse_args(argv)
@@ -502,11 +582,14 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     memory = []
     for name in args.models:
-        for config in ["dense"] + list(args.configs):
+        for config in ["dense"] + ([NO_FFN] if args.rest else []) + list(args.configs):
             t0 = time.perf_counter()
             model = build_dense(name, layers=args.layers)
             how = "dense"
-            if config != "dense":
+            if config == NO_FFN:
+                strip_ffn_(model)
+                how = "every FFN replaced by zeros"
+            elif config != "dense":
                 how = convert_model_(model, config, calib)
                 from cmoe.experts import _load_triton
                 from cmoe.moe import set_expert_impl
@@ -519,7 +602,8 @@ def main(argv=None) -> int:
                     log(f"  CHECK FAILED: {name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
                     notes.append(f"{name} {config}: CHECK FAILED vs loop oracle ({err:.2e})")
             wb = weight_bytes(model)
-            memory.append((name, config, wb))
+            if config != NO_FFN:
+                memory.append((name, config, wb))
             notes.append(f"{name} {config}: {how}")
             log(f"{name} {config}: built ({how}) in {time.perf_counter() - t0:.1f} s; weights {wb['total'] / 2**30:.2f} GiB")
             if not rows:
