@@ -277,10 +277,15 @@ def _gemv_bn(bn: int, rows: int, programs_other: int) -> int:
     return bn
 
 
-def _shared_pieces(shared, m: int) -> tuple[int, int]:
-    """(ms, S): the shared expert's width and its number of m-wide pieces (0, 0 without one)."""
+def _shared_pieces(shared, gate_up, down) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(ms, S, shared_gate_up, shared_down): the shared expert's width, its number of m-wide pieces
+    (0, 0 without one), and its weights as the kernels take them (contiguous), or ``gate_up`` and
+    ``down`` as placeholders that the kernels never read when S = 0. ``shared``: None or
+    (shared_gate_up [2ms, d], shared_down [d, ms])."""
     ms = 0 if shared is None else shared[1].shape[1]
-    return ms, triton.cdiv(ms, m)
+    S = triton.cdiv(ms, down.shape[2])
+    sgu, sd = (shared[0].contiguous(), shared[1].contiguous()) if S else (gate_up, down)
+    return ms, S, sgu, sd
 
 
 def _gemv_gate_up_slots(x, idx, gate_up, shared_gate_up, h, ms: int, S: int, act: str, slots: range, cfg: dict) -> None:
@@ -316,8 +321,7 @@ def _gemv_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = No
     cfg = cfg or GEMV_CONFIG
     T, a = idx.shape
     m = down.shape[2]
-    ms, S = _shared_pieces(shared, m)
-    sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
+    ms, S, sgu, sd = _shared_pieces(shared, gate_up, down)
     h = torch.empty(T, S + a, m, device=x.device, dtype=torch.float32)
     _gemv_gate_up_slots(x, idx, gate_up, sgu, h, ms, S, act, range(S + a), cfg)
     return _gemv_down_all(h, idx, weight, down, sd, ms, S, cfg, x.dtype)
@@ -406,8 +410,7 @@ def _few_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = Non
     T, a = idx.shape
     d = x.shape[1]
     E, m = down.shape[0], down.shape[2]
-    ms, S = _shared_pieces(shared, m)
-    sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
+    ms, S, sgu, sd = _shared_pieces(shared, gate_up, down)
     h = torch.empty(T, S + E, m, device=x.device, dtype=x.dtype)
     K, gs = _expert_groups(S, E, cfg.get("groups", FEW_DOWN_GROUPS))
     out = torch.empty(T, K, d, device=x.device, dtype=x.dtype)
@@ -464,12 +467,11 @@ def _chunk_ranks(idx_ptr, counts_ptr, c, P, NCH, A: tl.constexpr, S: tl.constexp
     the pairs of every expert over all chunks. ONE: a single chunk holds every pair (counts not
     read)."""
     p, ok, hit = _chunk_hits(idx_ptr, c, P, A, S, CHUNK, EB)
+    before = tl.zeros((EB,), tl.int32)  # the pairs of each expert in the chunks before c
     if ONE:
         counts = tl.sum(hit, 0)
-        before = tl.zeros((EB,), tl.int32)
     else:
         counts = tl.zeros((EB,), tl.int32)
-        before = tl.zeros((EB,), tl.int32)
         offs_e = tl.arange(0, EB)
         for c0 in range(0, NCH, CB):  # the counts of every chunk, CB chunks per load
             ch = c0 + tl.arange(0, CB)
@@ -691,8 +693,7 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
     T, a = idx.shape
     d = x.shape[1]
     E, m = down.shape[0], down.shape[2]
-    ms, S = _shared_pieces(shared, m)
-    sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
+    ms, S, sgu, sd = _shared_pieces(shared, gate_up, down)
     P = T * (S + a)
     cfg = cfg or grouped_config(P)
     bt = cfg["bt"]
@@ -1193,10 +1194,9 @@ def _masked_moe(x, gate_up, down, shared, router, act: str, top_k: int, cfg: dic
     _check(x, None, None, gate_up, down, act)
     T, d = x.shape
     E, m = down.shape[0], down.shape[2]
-    ms, S = _shared_pieces(shared, m)
     rg, ru, bias, scale, linear = router
     x, gate_up, down, rg, ru = x.contiguous(), gate_up.contiguous(), down.contiguous(), rg.contiguous(), ru.contiguous()
-    sgu, sd = (shared[0].contiguous(), shared[1].contiguous()) if S else (gate_up, down)  # placeholders when S = 0
+    ms, S, sgu, sd = _shared_pieces(shared, gate_up, down)
     cfg = cfg or masked_config(T)
     bt = cfg["bt"]
     tiles = triton.cdiv(T, bt)
@@ -1332,10 +1332,8 @@ def triton_gemv_op(
     _check(x, None, None, gate_up, down, act)
     T = x.shape[0]
     m = down.shape[2]
-    shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if shared_down is not None else None
-    ms, S = _shared_pieces(shared, m)
-    sgu, sd = shared if S else (gate_up, down)  # placeholders when S = 0, never read
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    ms, S, sgu, sd = _shared_pieces((shared_gate_up, shared_down) if shared_down is not None else None, gate_up, down)
     beside = _Beside(x, on=ROUTER_BESIDE)
     with torch.cuda.stream(beside.side):
         idx, wt, _ = triton_route_op(x, router_gate, router_up, bias, scale, act, top_k, linear)
