@@ -57,13 +57,18 @@ def test_ffn_cost_is_what_step_cost_loses_without_the_ffns(kind):
         assert few.bytes < every.bytes and few.flops == every.flops
 
 
-def row(config, seconds, ffn_bytes, kind="decode"):
+def row(config, seconds, ffn_bytes):
     cost = bench.Cost(bytes=ffn_bytes + 4e9, flops=1e9)  # 4 GB outside the FFNs
-    return bench.Row("m", config, kind, 1, 512, seconds, cost, ffn=bench.Cost(ffn_bytes, 1e9))
+    return bench.Row("m", config, "decode", 1, 512, seconds, cost, ffn=bench.Cost(ffn_bytes, 1e9))
+
+
+def rows_with_rest():
+    """dense, the same model without FFNs, and S1A1E8, in one decode cell."""
+    return [row("dense", 2.0e-3, 4e9), row(bench.NO_FFN, 1.2e-3, 0.0), row("S1A1E8", 1.6e-3, 1e9)]
 
 
 def test_split_table_reports_the_rest_and_the_best_ratio():
-    rows = [row("dense", 2.0e-3, 4e9), row(bench.NO_FFN, 1.2e-3, 0.0), row("S1A1E8", 1.6e-3, 1e9)]
+    rows = rows_with_rest()
     bench.fill_ratios(rows, CEIL)
     assert rows[1].ratio is None  # the rest row is no cell of the speed table
     assert "no FFN" not in bench.table(rows, CEIL)
@@ -87,7 +92,7 @@ def test_split_table_is_empty_without_the_rest_rows():
 
 
 def test_report_writes_the_split_and_the_ffn_costs(tmp_path):
-    rows = [row("dense", 2.0e-3, 4e9), row(bench.NO_FFN, 1.2e-3, 0.0), row("S1A1E8", 1.6e-3, 1e9)]
+    rows = rows_with_rest()
     bench.report(rows, [], CEIL, "cpu", str(tmp_path))
     md = (tmp_path / "speed.md").read_text()
     assert "Where the time goes" in md and "| m | S1A1E8 | decode b=1 | 1200.0 us | 400.0 us |" in md

@@ -221,15 +221,24 @@ def test_shared_expert_beyond_the_fold_limit(monkeypatch, a, dtype):
         assert rel_err(y[:, 0], ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("T,a,E,bt", [(1, 1, 3, 16), (17, 3, 6, 16), (129, 2, 8, 64), (256, 1, 5, 64), (300, 2, 40, 16)])
-@pytest.mark.parametrize("shared", [0, 2])
-@pytest.mark.parametrize("kernel", ["kernel", "kernel-small-loads", "torch"])
-def test_align_covers_every_pair_once(monkeypatch, T, a, E, bt, shared, kernel):
-    """Also with the per-chunk counts read two chunks at a time (small loads)."""
-    _, idx, *_ = problem(T, a, E)
+ALIGN_VARIANTS = ["kernel", "kernel-small-loads", "torch"]
+
+
+def _align_variant(monkeypatch, kernel: str) -> None:
+    """The alignment and sort by the kernels (also reading the per-chunk counts two chunks at a
+    time: small loads) or by the torch ops."""
     monkeypatch.setattr(te, "ALIGN_KERNEL_MAX_COUNTS", 0 if kernel == "torch" else 1 << 30)
     if kernel == "kernel-small-loads":
         monkeypatch.setattr(te, "ALIGN_COUNT_BLOCK", 32)
+
+
+@pytest.mark.parametrize("T,a,E,bt", [(1, 1, 3, 16), (17, 3, 6, 16), (129, 2, 8, 64), (256, 1, 5, 64), (300, 2, 40, 16)])
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("kernel", ALIGN_VARIANTS)
+def test_align_covers_every_pair_once(monkeypatch, T, a, E, bt, shared, kernel):
+    """Also with the per-chunk counts read two chunks at a time (small loads)."""
+    _, idx, *_ = problem(T, a, E)
+    _align_variant(monkeypatch, kernel)
     sorted_ids, tile_expert = te.align(idx, E, bt, shared)
     P = T * (shared + a)
     max_tiles = -(-P // bt) + shared + E
@@ -252,14 +261,12 @@ def test_align_covers_every_pair_once(monkeypatch, T, a, E, bt, shared, kernel):
 
 
 @pytest.mark.parametrize("T,a,E", [(1, 1, 4), (3, 2, 5), (300, 2, 7), (700, 3, 40)])
-@pytest.mark.parametrize("kernel", ["kernel", "kernel-small-loads", "torch"])
+@pytest.mark.parametrize("kernel", ALIGN_VARIANTS)
 def test_sort_pairs_orders_by_expert_stably(monkeypatch, T, a, E, kernel):
     """The grouped_mm path's sort: the same order as a stable sort of the pairs by expert, each
     expert's end row, and each pair's row; one chunk and many, experts that get no pair."""
     _, idx, *_ = problem(T, a, E, empty=2)
-    monkeypatch.setattr(te, "ALIGN_KERNEL_MAX_COUNTS", 0 if kernel == "torch" else 1 << 30)
-    if kernel == "kernel-small-loads":
-        monkeypatch.setattr(te, "ALIGN_COUNT_BLOCK", 32)
+    _align_variant(monkeypatch, kernel)
     order, ends, pos = te.sort_pairs(idx, E)
     flat = idx.reshape(-1).cpu()
     assert torch.equal(order.long().cpu(), torch.sort(flat, stable=True).indices)
