@@ -549,30 +549,75 @@ def test_dense_layer_path_is_taken_where_the_rule_says(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")
-@pytest.mark.parametrize("op,flag,T", [("dense", "SHARED_STREAM", 131), ("gemv", "ROUTER_BESIDE", 1)])
-def test_whole_layer_op_beside_in_a_cuda_graph(monkeypatch, op, flag, T):
-    """Work on the second stream (dense path: the router and the shared expert; GEMV path: the
-    router): same output as in order, also replayed from a CUDA graph."""
+def test_dense_layer_op_beside_in_a_cuda_graph(monkeypatch):
+    """Work on the second stream (the router and the shared expert): same output as in order,
+    also replayed from a CUDA graph."""
     mod = _moe(torch.bfloat16, a=2, shared=30)
-    x = torch.randn(T, 36, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(131, 36, device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():
-        monkeypatch.setattr(te, flag, False)
-        in_order = LAYER_OPS[op](mod, x)
-        monkeypatch.setattr(te, flag, True)
-        assert torch.equal(LAYER_OPS[op](mod, x), in_order)
+        monkeypatch.setattr(te, "SHARED_STREAM", False)
+        in_order = _dense_layer(mod, x)
+        monkeypatch.setattr(te, "SHARED_STREAM", True)
+        assert torch.equal(_dense_layer(mod, x), in_order)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = LAYER_OPS[op](mod, x)
+            out = _dense_layer(mod, x)
         x.mul_(-1)
         g.replay()
-        monkeypatch.setattr(te, flag, False)
-        assert torch.equal(out, LAYER_OPS[op](mod, x))
+        monkeypatch.setattr(te, "SHARED_STREAM", False)
+        assert torch.equal(out, _dense_layer(mod, x))
+
+
+def test_gemv_layer_op_sets_its_flags_back():
+    """The GEMV op's launch synchronises on two flags kept across calls (``_gemv_sync``); the down
+    kernel sets them back to 0, so that calls in a row (two layers, the next step) route afresh:
+    each call equals the loop oracle with its own routing, and the flags end at 0. d = 600 gives
+    the router three programs (slices of 256 columns), so the last one to finish sums them. More
+    than 16 tokens (one tile of the router's programs) is refused."""
+    mods = []
+    for r in ("analytical", "linear"):
+        spec = MoELayerSpec(hidden_size=600, shared_size=30, num_experts=5, expert_size=20, top_k=2, act="silu", router=r)
+        mods.append(CMoEMLP(spec, impl="triton"))
+        with torch.no_grad():
+            for p in mods[-1].parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(mods))) * 0.05)
+        mods[-1].to(DEVICE).eval()
+    assert te._route_slices(600)[2] == 3
+    with torch.no_grad():
+        for i in range(4):
+            mod = mods[i % 2]
+            x = torch.randn(2, 600, generator=torch.Generator().manual_seed(i)).to(DEVICE)
+            out = _gemv_layer(mod, x)
+            idx, w, _ = te.fused_route(mod.router, x)
+            ref = oracle(x, idx, w, mod.experts.gate_up_proj, mod.experts.down_proj, "silu")
+            ref += shared_oracle(x, mod.shared_gate_up.weight, mod.shared_down.weight, "silu")
+            assert rel_err(out, ref) < TOL[torch.float32], i
+            assert te._gemv_sync(x).tolist() == [0, 0]
+        with pytest.raises(ValueError, match="at most 16 tokens"):
+            _gemv_layer(mods[0], torch.randn(17, 600).to(DEVICE))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs exist on CUDA only")
+def test_gemv_layer_op_in_a_cuda_graph():
+    """The GEMV op (routed programs wait on the device for the router's) captured in a CUDA graph
+    with two layers, replayed on new inputs: each replay equals the op run eagerly."""
+    mods = [_moe(torch.bfloat16, a=1, shared=30), _moe(torch.bfloat16, a=2, shared=20, router="linear")]
+    x = torch.randn(1, 36, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _gemv_layer(mods[1], _gemv_layer(mods[0], x))  # warm-up: compile the kernels outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = _gemv_layer(mods[1], _gemv_layer(mods[0], x))
+        for seed in range(3):
+            x.copy_(torch.randn(1, 36, generator=torch.Generator().manual_seed(seed)))
+            g.replay()
+            assert torch.equal(out, _gemv_layer(mods[1], _gemv_layer(mods[0], x))), seed
 
 
 # ----------------------------------------------------------------------------- GEMV path (the whole layer)
 def test_gemv_layer_path_is_taken_where_the_rule_says(monkeypatch):
     """``layer_forward``: the GEMV path's op while tokens x top_k is at most GEMV_MAX_PAIRS in
-    layers with a shared expert, and not with ROUTER_BESIDE off (route and experts as two ops)."""
+    layers with a shared expert, and not with GEMV_LAYER_OP off (route and experts as two ops)."""
     mod = _moe(a=2, shared=20)
     x = torch.randn(3, 36).to(DEVICE)
     with torch.no_grad():
@@ -580,8 +625,8 @@ def test_gemv_layer_path_is_taken_where_the_rule_says(monkeypatch):
         torch.testing.assert_close(out, _gemv_layer(mod, x[:2]))
         torch.testing.assert_close(out, mod.forward_reference(x[:2]), atol=1e-4, rtol=1e-4)
         assert te.gemv_moe(mod, x) is None  # 6 pairs: the few-token path
-        assert te.gemv_moe(_moe(a=2, shared=0), x[:1]) is None  # no shared expert: nothing beside the router
-        monkeypatch.setattr(te, "ROUTER_BESIDE", False)
+        assert te.gemv_moe(_moe(a=2, shared=0), x[:1]) is None  # no shared expert: route, then experts
+        monkeypatch.setattr(te, "GEMV_LAYER_OP", False)
         assert te.gemv_moe(mod, x[:1]) is None
         torch.testing.assert_close(mod(x[:1]), mod.forward_reference(x[:1]), atol=1e-4, rtol=1e-4)  # route, then experts
 

@@ -46,8 +46,15 @@ def cases():
             for slot0, nslot in {(0, S + 3), (0, S or 3), (S, 3)}:  # every slot; the shared ones, then the routed (GEMV op)
                 yield (f"gemv_gate_up {dt} S={S} slots {slot0}+{nslot}", te._gemv_gate_up, {**ptrs, "h_ptr": "*fp32"},
                        dict(A=3, S=S, SLOT0=slot0, NSLOT=nslot, ACT=0, BN=bn, BK=bk))
+            for linear in (False, True):  # the router and every slot's gate/up in one launch (GEMV op)
+                yield (f"gemv_route_gate_up {dt} S={S} linear={linear}", te._gemv_route_gate_up,
+                       {**ptrs, "h_ptr": "*fp32", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "p_ptr": "*fp32",
+                        "part_ptr": "*fp32", "sync_ptr": "*i32"},
+                       dict(A=3, S=S, ACT=0, BN=bn, BK=bk, SPLITS=16, BT=16, BE=16, RBK=128, LINEAR=linear, **upcast_ieee))
             bn, bk, _ = te.GEMV_CONFIG["down"]
-            yield (f"gemv_down {dt} S={S}", te._gemv_down, {**ptrs, "h_ptr": "*fp32"}, dict(A=3, S=S, BN=bn, BK=bk))
+            for reset in (False, True):
+                yield (f"gemv_down {dt} S={S} reset={reset}", te._gemv_down, {**ptrs, "h_ptr": "*fp32", "sync_ptr": "*i32"},
+                       dict(A=3, S=S, BN=bn, BK=bk, RESET=reset))
             bn, bk, _, _ = te.FEW_CONFIG["gate_up"]
             yield (f"few_gate_up {dt} S={S}", te._few_gate_up, ptrs,
                    dict(A=3, AP=4, S=S, ACT=1, TP=16, BN=bn, BK=bk, **upcast_ieee))
@@ -143,12 +150,16 @@ def loads() -> int:
     """The bf16 expert kernels (not the router: its [E, d] weights are tiny) must not load
     element by element."""
     failed = 0
+    router = {}  # the router's own scalar loads, which the kernel that also routes may have
+    for label, kernel, ptrs, consts in cases():
+        if label.startswith("route_partial *bf16/*bf16"):
+            router[consts["LINEAR"]] = scalar_bf16_loads(kernel, ptrs, consts)
     for label, kernel, ptrs, consts in cases():
         if "bf16" not in label or label.startswith(("align", "route")):
             continue
-        n = scalar_bf16_loads(kernel, ptrs, consts)
-        failed += n > 0
-        print("ok  " if n == 0 else "FAIL", label, f"{n} scalar 16-bit global loads", flush=True)
+        n = scalar_bf16_loads(kernel, ptrs, consts) - (router[consts["LINEAR"]] if label.startswith("gemv_route") else 0)
+        failed += n != 0
+        print("ok  " if n == 0 else "FAIL", label, f"{n} scalar 16-bit global loads (the router's not counted)", flush=True)
     return 1 if failed else 0
 
 

@@ -35,8 +35,9 @@ its own fused kernels (``fused_route``).
 Three whole-layer ops take the router in too (``layer_forward``; ``CMoEMLP`` picks them):
 
 - the GEMV path as one op (``gemv_moe``, decode at batch 1 in layers with a shared expert,
-  ``ROUTER_BESIDE``): the router's kernels on a second stream beside the shared pieces' gate/up
-  GEMV, which does not need the routing; then the chosen experts' gate/up and the down GEMV.
+  ``GEMV_LAYER_OP``): the router and every slot's gate/up GEMV in one launch, in which the
+  routed slots' programs wait on the device for the router's (``_gemv_route_gate_up``); then
+  the down GEMV.
 
 For the batches whose routing touches every expert:
 
@@ -199,20 +200,10 @@ def _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
 
 
 @triton.jit
-def _gemv_gate_up(
-    x_ptr, idx_ptr, w_ptr, sw_ptr, h_ptr,  # x [T, d], idx [T, A], gate_up [E, 2m, d], shared_gate_up [2ms, d], h [T, S+A, m] fp32
-    d, m, ms,
-    A: tl.constexpr, S: tl.constexpr, SLOT0: tl.constexpr, NSLOT: tl.constexpr, ACT: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    p = tl.program_id(1)  # (token, slot) pair, over the slots SLOT0 .. SLOT0 + NSLOT - 1
-    t = p // NSLOT
-    slot = SLOT0 + p % NSLOT
+def _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms,
+                       A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """h[t, slot, BN neurons from pid_n * BN] = act(gate) * up of token t through virtual expert e."""
     offs_n = pid_n * BN + tl.arange(0, BN)
-    e = slot.to(tl.int64)  # virtual expert: a shared piece, or the routed expert chosen in this slot
-    if slot >= S:
-        e = tl.load(idx_ptr + t * A + slot - S).to(tl.int64) + S
     wg, up, n_ok = _gate_up_rows(w_ptr, sw_ptr, e, offs_n, d, m, ms, S)
     wg = wg[:, None]  # [BN, 1] gate rows
     wu = wg + up
@@ -231,13 +222,72 @@ def _gemv_gate_up(
 
 
 @triton.jit
+def _gemv_gate_up(
+    x_ptr, idx_ptr, w_ptr, sw_ptr, h_ptr,  # x [T, d], idx [T, A], gate_up [E, 2m, d], shared_gate_up [2ms, d], h [T, S+A, m] fp32
+    d, m, ms,
+    A: tl.constexpr, S: tl.constexpr, SLOT0: tl.constexpr, NSLOT: tl.constexpr, ACT: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    p = tl.program_id(1)  # (token, slot) pair, over the slots SLOT0 .. SLOT0 + NSLOT - 1
+    t = p // NSLOT
+    slot = SLOT0 + p % NSLOT
+    e = slot.to(tl.int64)  # virtual expert: a shared piece, or the routed expert chosen in this slot
+    if slot >= S:
+        e = tl.load(idx_ptr + t * A + slot - S).to(tl.int64) + S
+    _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms, A, S, ACT, BN, BK)
+
+
+@triton.jit
+def _gemv_route_gate_up(
+    x_ptr, idx_ptr, w_ptr, sw_ptr, h_ptr,  # as in _gemv_gate_up; idx [T, A] is written here
+    rg_ptr, ru_ptr, bias_ptr, scale_ptr, wt_ptr, p_ptr, part_ptr, sync_ptr,  # the router's; sync [2] int32, zeros
+    T, d, m, ms, E, KPER, NB,
+    A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, RBK: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, LINEAR: tl.constexpr,
+):
+    """The router and every slot's gate/up GEMV in one launch (T <= BT tokens). Programs 0 ..
+    SPLITS-1 compute the router's partial scores over slices of d; the last of them to finish (a
+    ticket in sync[0]) sums them, stores the routing and sets sync[1]. The GEMV programs follow,
+    the shared pieces' first; a routed slot's programs wait on the device for sync[1] before they
+    read their expert. Lower program ids start first, so the router's programs never wait behind
+    the ones that wait for them (and the interpreter runs programs in order)."""
+    pid = tl.program_id(0)
+    if pid < SPLITS:
+        _route_partial(x_ptr, rg_ptr, ru_ptr, part_ptr, 0, pid, T, d, BT, E, KPER, BT, BE, RBK, UPCAST, IEEE, LINEAR)
+        tl.debug_barrier()  # every thread's partial scores stored before the ticket (release)
+        if tl.atomic_add(sync_ptr, 1) == SPLITS - 1:
+            _route_reduce(part_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, 0, T, BT, E, SPLITS, A, ACT, BT, BE, LINEAR)
+            tl.debug_barrier()
+            tl.atomic_xchg(sync_ptr + 1, 1)
+    else:
+        q = pid - SPLITS
+        pid_n = q % NB
+        pair = q // NB  # slot-major: the shared pieces' programs first
+        slot = pair // T
+        t = pair % T
+        e = slot.to(tl.int64)
+        if slot >= S:
+            while tl.load(sync_ptr + 1, volatile=True) == 0:
+                pass
+            tl.atomic_add(sync_ptr + 1, 0)  # acquire: the routing stored before sync[1] is visible
+            e = tl.load(idx_ptr + t * A + slot - S, cache_modifier=".cg").to(tl.int64) + S
+        _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms, A, S, ACT, BN, BK)
+
+
+@triton.jit
 def _gemv_down(
     h_ptr, idx_ptr, wt_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+A, m] fp32, idx/wt [T, A], down [E, d, m], shared_down [d, ms], out [T, d]
+    sync_ptr,  # RESET: the flags of _gemv_route_gate_up [2] int32, set back to 0 for its next launch
     d, m, ms,
-    A: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    A: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RESET: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
+    if RESET:
+        if pid_n + t == 0:
+            tl.store(sync_ptr + tl.arange(0, 2), tl.zeros((2,), tl.int32))
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < d
     h_t = h_ptr + t * (S + A) * m
@@ -304,15 +354,17 @@ def _gemv_gate_up_slots(x, idx, gate_up, shared_gate_up, h, ms: int, S: int, act
     )
 
 
-def _gemv_down_all(h, idx, weight, down, shared_down, ms: int, S: int, cfg: dict, dtype: torch.dtype) -> torch.Tensor:
+def _gemv_down_all(h, idx, weight, down, shared_down, ms: int, S: int, cfg: dict, dtype: torch.dtype,
+                   sync: torch.Tensor | None = None) -> torch.Tensor:
     """[T, d] in ``dtype``: every slot of h [T, S + a, m] through its down projection, the routed
-    ones with their routing weights."""
+    ones with their routing weights; ``sync``: flags set back to 0 (``_gemv_route_gate_up``'s)."""
     T, a = idx.shape
     d, m = down.shape[1], down.shape[2]
     out = torch.empty(T, d, device=h.device, dtype=dtype)
     bn, bk, nw = cfg["down"]
     bn = _gemv_bn(bn, d, T) if not _INTERPRET else 16
-    _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, shared_down, out, d, m, ms, A=a, S=S, BN=bn, BK=bk, num_warps=nw)
+    _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, shared_down, out, idx if sync is None else sync, d, m, ms,
+                                        A=a, S=S, BN=bn, BK=bk, RESET=sync is not None, num_warps=nw)
     return out
 
 
@@ -949,15 +1001,10 @@ def _route_kernel(
 
 
 @triton.jit
-def _route_partial_kernel(
-    x_ptr, g_ptr, u_ptr, part_ptr,  # part [SPLITS, 2, rows_pad, BE] float32
-    T, d, rows_pad, E, KPER,
-    BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    LINEAR: tl.constexpr,
-):
-    """Few tokens: partial scores over one slice of d (programs: token tiles x slices of d)."""
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
+def _route_partial(x_ptr, g_ptr, u_ptr, part_ptr, tile, split, T, d, rows_pad, E, KPER,
+                   BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   LINEAR: tl.constexpr):
+    """The partial scores of token tile ``tile`` over slice ``split`` of d, stored in part."""
     rows = tile * BT + tl.arange(0, BT)
     r_ok = rows < T
     offs_e = tl.arange(0, BE)
@@ -969,13 +1016,11 @@ def _route_partial_kernel(
 
 
 @triton.jit
-def _route_reduce_kernel(
-    part_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr,
-    T, rows_pad, E, SPLITS,
-    A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, LINEAR: tl.constexpr,
-):
-    """Few tokens: sum the partial scores of every slice (fixed order: deterministic), then finish."""
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+def _route_reduce(part_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, tile, T, rows_pad, E, SPLITS,
+                  A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, LINEAR: tl.constexpr):
+    """Token tile ``tile``: sum the partial scores of every slice (fixed order: deterministic; read
+    from L2, as other programs of the same launch may have written them), then finish."""
+    rows = tile * BT + tl.arange(0, BT)
     r_ok = rows < T
     offs_e = tl.arange(0, BE)
     e_ok = offs_e < E
@@ -983,10 +1028,33 @@ def _route_reduce_kernel(
     u = tl.zeros((BT, BE), tl.float32)
     ptr = part_ptr + rows[:, None] * BE + offs_e[None, :]
     for sp in range(SPLITS):
-        g += tl.load(ptr + sp * 2 * rows_pad * BE)
+        g += tl.load(ptr + sp * 2 * rows_pad * BE, cache_modifier=".cg")
         if not LINEAR:
-            u += tl.load(ptr + sp * 2 * rows_pad * BE + rows_pad * BE)
+            u += tl.load(ptr + sp * 2 * rows_pad * BE + rows_pad * BE, cache_modifier=".cg")
     _route_finish(g, u, rows, r_ok, offs_e, e_ok, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, E, A, ACT, BE, LINEAR)
+
+
+@triton.jit
+def _route_partial_kernel(
+    x_ptr, g_ptr, u_ptr, part_ptr,  # part [SPLITS, 2, rows_pad, BE] float32
+    T, d, rows_pad, E, KPER,
+    BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    LINEAR: tl.constexpr,
+):
+    """Few tokens: partial scores over one slice of d (programs: token tiles x slices of d)."""
+    _route_partial(x_ptr, g_ptr, u_ptr, part_ptr, tl.program_id(0), tl.program_id(1), T, d, rows_pad, E, KPER,
+                   BT, BE, BK, UPCAST, IEEE, LINEAR)
+
+
+@triton.jit
+def _route_reduce_kernel(
+    part_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr,
+    T, rows_pad, E, SPLITS,
+    A: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, LINEAR: tl.constexpr,
+):
+    """Few tokens: sum the partial scores of every slice, then finish (``_route_reduce``)."""
+    _route_reduce(part_ptr, bias_ptr, scale_ptr, idx_ptr, wt_ptr, p_ptr, tl.program_id(0), T, rows_pad, E, SPLITS,
+                  A, ACT, BT, BE, LINEAR)
 
 
 ROUTE_SPLIT_MAX_TOKENS = 4096  # up to this many tokens: scores split over slices of d (two kernels; fills the GPU)
@@ -1015,9 +1083,7 @@ def triton_route_op(
     if T <= ROUTE_SPLIT_MAX_TOKENS:
         bt = 16
         tiles = triton.cdiv(T, bt)
-        bk = 64 if _INTERPRET else 128
-        kper = triton.cdiv(ROUTE_SPLIT_K, bk) * bk
-        splits = triton.cdiv(d, kper)
+        bk, kper, splits = _route_slices(d)
         part = torch.empty(splits, 2, tiles * bt, be, device=x.device, dtype=torch.float32)
         _route_partial_kernel[(tiles, splits)](
             x, gate, up, part, T, d, tiles * bt, E, kper, BT=bt, BE=be, BK=bk, UPCAST=upcast, IEEE=ieee, LINEAR=linear,
@@ -1034,6 +1100,13 @@ def triton_route_op(
         A=top_k, ACT=code, BT=bt, BE=be, BK=64, UPCAST=upcast, IEEE=ieee, LINEAR=linear, num_warps=4,
     )
     return idx, wt, p
+
+
+def _route_slices(d: int) -> tuple[int, int, int]:
+    """(BK, columns per slice, slices) of the router's partial scores over slices of d."""
+    bk = 64 if _INTERPRET else 128
+    kper = triton.cdiv(ROUTE_SPLIT_K, bk) * bk
+    return bk, kper, triton.cdiv(d, kper)
 
 
 @triton_route_op.register_fake
@@ -1313,13 +1386,55 @@ def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
 
 
 # ----------------------------------------------------------------------------- GEMV path: the whole layer
-# Decode at batch 1 in layers with a shared expert: the router's two small kernels run on a second
-# stream (``_Beside``) beside the shared pieces' gate/up GEMV, which does not need the routing;
-# then the chosen experts' gate/up GEMV and the down GEMV over every slot. The same kernels as
-# ``_gemv_experts``, with the router off the critical path.
-# H200, batch-1 decode, 4 layers: 0.4-1.2 % less per step than the router then the experts as two ops, in
-# 10 of 10 alternating pairs (llama2-7b and llama3-8b; docs/benchmarks/speed-h200.md, "Run s")
-ROUTER_BESIDE = True  # the GEMV path: the router on a second CUDA stream, beside the shared expert's gate/up
+# Decode at batch 1 in layers with a shared expert: the router and every slot's gate/up GEMV in one
+# launch (``_gemv_route_gate_up``: the router's programs first, the shared pieces' next, and the
+# routed slots' programs wait on the device for the routing), then the down GEMV over every slot.
+# H200, batch-1 decode, S1A1E8 on llama2-7b, 4 layers: 0.4346-0.4351 ms per step against 0.4512-0.4517
+# with the router's two kernels on a second stream beside the shared pieces' gate/up and the routed
+# gate/up as a launch of its own, and 0.4377-0.4399 with the flags zeroed by a fill kernel in each
+# layer instead of by the down kernel (docs/benchmarks/speed-h200.md, "Run w")
+GEMV_LAYER_OP = True  # the GEMV path as one op (router, shared and routed experts)
+_GEMV_SYNC: dict = {}
+
+
+def _gemv_sync(x: torch.Tensor) -> torch.Tensor:
+    """The flags of ``_gemv_route_gate_up`` for x's device and current stream: [2] int32, zero
+    between launches (the down kernel that follows each launch sets them back to 0), kept across
+    calls so that no kernel has to zero them first. One buffer per stream: launches on one stream
+    run one after the other. CUDA graphs captured on one stream share its buffer, so they must not
+    be replayed at the same time on different streams (as for graphs that share a memory pool)."""
+    key = (x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
+    if key not in _GEMV_SYNC:
+        _GEMV_SYNC[key] = torch.zeros(2, device=x.device, dtype=torch.int32)
+    return _GEMV_SYNC[key]
+
+
+def _gemv_route_gate_up_all(x, gate_up, sgu, ms: int, S: int, router_gate, router_up, bias, scale, linear: bool,
+                            act: str, top_k: int, sync: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h [T, S + a, m] float32, idx, weight): the router and every slot's act(gate) * up in one
+    launch (``_gemv_route_gate_up``; T <= 16 tokens); ``sync``: [2] int32 zeros."""
+    T, d = x.shape
+    E, m = gate_up.shape[0], gate_up.shape[1] // 2
+    router_gate, router_up = router_gate.contiguous(), router_up.contiguous()
+    ieee = _router_ieee(x, router_gate)
+    be, bt = max(16, triton.next_power_of_2(E)), 16
+    rbk, kper, splits = _route_slices(d)
+    idx = torch.empty(T, top_k, device=x.device, dtype=torch.int64)
+    wt = torch.empty(T, top_k, device=x.device, dtype=torch.float32)
+    p = torch.empty(T, E, device=x.device, dtype=torch.float32)
+    part = torch.empty(splits, 2, bt, be, device=x.device, dtype=torch.float32)
+    h = torch.empty(T, S + top_k, m, device=x.device, dtype=torch.float32)
+    bn, bk, nw = GEMV_CONFIG["gate_up"]
+    bn = _gemv_bn(bn, m, T * (S + top_k)) if not _INTERPRET else 16
+    bk = min(bk, triton.next_power_of_2(d))
+    nb = triton.cdiv(m, bn)
+    _gemv_route_gate_up[(splits + nb * T * (S + top_k),)](
+        x, idx, gate_up, sgu, h, router_gate, router_up, bias, scale, wt, p, part, sync,
+        T, d, m, ms, E, kper, nb,
+        A=top_k, S=S, ACT=_ACT_CODE[act], BN=bn, BK=bk, SPLITS=splits, BT=bt, BE=be, RBK=rbk,
+        UPCAST=_INTERPRET and not ieee, IEEE=ieee, LINEAR=linear, num_warps=nw,
+    )
+    return h, idx, wt
 
 
 @torch.library.custom_op("cmoe::triton_gemv_moe", mutates_args=())
@@ -1330,19 +1445,13 @@ def triton_gemv_op(
 ) -> torch.Tensor:
     """The whole CMoE FFN (router, shared and routed experts) on the GEMV path: [T, d]."""
     _check(x, None, None, gate_up, down, act)
-    T = x.shape[0]
-    m = down.shape[2]
+    if x.shape[0] > 16:
+        raise ValueError(f"the GEMV path takes at most 16 tokens, got {x.shape[0]}")
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     ms, S, sgu, sd = _shared_pieces((shared_gate_up, shared_down) if shared_down is not None else None, gate_up, down)
-    beside = _Beside(x, on=ROUTER_BESIDE)
-    with torch.cuda.stream(beside.side):
-        idx, wt, _ = triton_route_op(x, router_gate, router_up, bias, scale, act, top_k, linear)
-        routed = beside.mark()
-    h = torch.empty(T, S + top_k, m, device=x.device, dtype=torch.float32)
-    _gemv_gate_up_slots(x, idx, gate_up, sgu, h, ms, S, act, range(S), GEMV_CONFIG)  # idx: not read for these slots
-    beside.wait_mark(routed, idx, wt)
-    _gemv_gate_up_slots(x, idx, gate_up, sgu, h, ms, S, act, range(S, S + top_k), GEMV_CONFIG)
-    return _gemv_down_all(h, idx, wt, down, sd, ms, S, GEMV_CONFIG, x.dtype)
+    sync = _gemv_sync(x)
+    h, idx, wt = _gemv_route_gate_up_all(x, gate_up, sgu, ms, S, router_gate, router_up, bias, scale, linear, act, top_k, sync)
+    return _gemv_down_all(h, idx, wt, down, sd, ms, S, GEMV_CONFIG, x.dtype, sync=sync)
 
 
 triton_gemv_op.register_fake(_whole_layer_fake)
@@ -1350,10 +1459,11 @@ triton_gemv_op.register_fake(_whole_layer_fake)
 
 def gemv_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
     """The FFN output [T, d] of a ``CMoEMLP`` on the GEMV path, or None where it does not serve:
-    more pairs than GEMV_MAX_PAIRS, no shared expert (nothing to run beside the router), or
-    ROUTER_BESIDE off."""
+    more pairs than GEMV_MAX_PAIRS, no shared expert (the op computes such layers too, but its
+    speed was measured only with one: they take the router, then the experts), or GEMV_LAYER_OP
+    off."""
     spec = layer.spec
-    if not (ROUTER_BESIDE and spec.shared_size and 0 < x.shape[0] * spec.top_k <= GEMV_MAX_PAIRS):
+    if not (GEMV_LAYER_OP and spec.shared_size and 0 < x.shape[0] * spec.top_k <= GEMV_MAX_PAIRS):
         return None
     return triton_gemv_op(x, *layer_args(layer))
 
