@@ -251,8 +251,11 @@ def _gemv_route_gate_up(
     SPLITS-1 compute the router's partial scores over slices of d; the last of them to finish (a
     ticket in sync[0]) sums them, stores the routing and sets sync[1]. The GEMV programs follow,
     the shared pieces' first; a routed slot's programs wait on the device for sync[1] before they
-    read their expert. Lower program ids start first, so the router's programs never wait behind
-    the ones that wait for them (and the interpreter runs programs in order)."""
+    read their expert. This relies on lower program ids starting first, so that the router's
+    programs never wait for a slot behind programs that wait for them. The H200 does so (every
+    run of the benchmark and the GPU tests), but CUDA does not document it; a ticket taken at
+    each program's start would give the order without relying on it. The interpreter runs
+    programs in order."""
     pid = tl.program_id(0)
     if pid < SPLITS:
         _route_partial(x_ptr, rg_ptr, ru_ptr, part_ptr, 0, pid, T, d, BT, E, KPER, BT, BE, RBK, UPCAST, IEEE, LINEAR)
