@@ -43,9 +43,8 @@ def cases():
         ptrs = {"x": dt, "idx_ptr": "*i64", "wt_ptr": "*fp32", "sorted_ptr": "*i32", "tile_expert_ptr": "*i32"}
         for S in (0, 3):
             bn, bk, _ = te.GEMV_CONFIG["gate_up"]
-            for slot0, nslot in {(0, S + 3), (0, S or 3), (S, 3)}:  # every slot; the shared ones, then the routed (GEMV op)
-                yield (f"gemv_gate_up {dt} S={S} slots {slot0}+{nslot}", te._gemv_gate_up, {**ptrs, "h_ptr": "*fp32"},
-                       dict(A=3, S=S, SLOT0=slot0, NSLOT=nslot, ACT=0, BN=bn, BK=bk))
+            yield (f"gemv_gate_up {dt} S={S}", te._gemv_gate_up, {**ptrs, "h_ptr": "*fp32"},
+                   dict(A=3, S=S, ACT=0, BN=bn, BK=bk))
             for linear in (False, True):  # the router and every slot's gate/up in one launch (GEMV op)
                 yield (f"gemv_route_gate_up {dt} S={S} linear={linear}", te._gemv_route_gate_up,
                        {**ptrs, "h_ptr": "*fp32", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "p_ptr": "*fp32",

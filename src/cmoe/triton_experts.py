@@ -225,13 +225,12 @@ def _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms,
 def _gemv_gate_up(
     x_ptr, idx_ptr, w_ptr, sw_ptr, h_ptr,  # x [T, d], idx [T, A], gate_up [E, 2m, d], shared_gate_up [2ms, d], h [T, S+A, m] fp32
     d, m, ms,
-    A: tl.constexpr, S: tl.constexpr, SLOT0: tl.constexpr, NSLOT: tl.constexpr, ACT: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
+    A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    p = tl.program_id(1)  # (token, slot) pair, over the slots SLOT0 .. SLOT0 + NSLOT - 1
-    t = p // NSLOT
-    slot = SLOT0 + p % NSLOT
+    p = tl.program_id(1)  # (token, slot) pair
+    t = p // (S + A)
+    slot = p % (S + A)
     e = slot.to(tl.int64)  # virtual expert: a shared piece, or the routed expert chosen in this slot
     if slot >= S:
         e = tl.load(idx_ptr + t * A + slot - S).to(tl.int64) + S
@@ -341,19 +340,23 @@ def _shared_pieces(shared, gate_up, down) -> tuple[int, int, torch.Tensor, torch
     return ms, S, sgu, sd
 
 
-def _gemv_gate_up_slots(x, idx, gate_up, shared_gate_up, h, ms: int, S: int, act: str, slots: range, cfg: dict) -> None:
-    """h[:, slots] (h [T, S + a, m] float32): act(gate) * up of each token's slots in ``slots``."""
+def _gemv_gate_up_tiles(cfg: dict, m: int, d: int, pairs: int) -> tuple[int, int, int]:
+    """(BN, BK, num_warps) of a gate/up GEMV launch over ``pairs`` (token, slot) pairs."""
+    bn, bk, nw = cfg["gate_up"]
+    bn = _gemv_bn(bn, m, pairs) if not _INTERPRET else 16
+    return bn, min(bk, triton.next_power_of_2(d)), nw
+
+
+def _gemv_gate_up_all(x, idx, gate_up, shared_gate_up, h, ms: int, S: int, act: str, cfg: dict) -> None:
+    """h (h [T, S + a, m] float32): act(gate) * up of every token's slots."""
     T, d = x.shape
     m = h.shape[2]
-    P = T * len(slots)
+    P = T * h.shape[1]
     if not P:
         return
-    bn, bk, nw = cfg["gate_up"]
-    bn = _gemv_bn(bn, m, P) if not _INTERPRET else 16
-    bk = min(bk, triton.next_power_of_2(d))
+    bn, bk, nw = _gemv_gate_up_tiles(cfg, m, d, P)
     _gemv_gate_up[(triton.cdiv(m, bn), P)](
-        x, idx, gate_up, shared_gate_up, h, d, m, ms,
-        A=idx.shape[1], S=S, SLOT0=slots.start, NSLOT=len(slots), ACT=_ACT_CODE[act], BN=bn, BK=bk, num_warps=nw,
+        x, idx, gate_up, shared_gate_up, h, d, m, ms, A=idx.shape[1], S=S, ACT=_ACT_CODE[act], BN=bn, BK=bk, num_warps=nw,
     )
 
 
@@ -378,7 +381,7 @@ def _gemv_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = No
     m = down.shape[2]
     ms, S, sgu, sd = _shared_pieces(shared, gate_up, down)
     h = torch.empty(T, S + a, m, device=x.device, dtype=torch.float32)
-    _gemv_gate_up_slots(x, idx, gate_up, sgu, h, ms, S, act, range(S + a), cfg)
+    _gemv_gate_up_all(x, idx, gate_up, sgu, h, ms, S, act, cfg)
     return _gemv_down_all(h, idx, weight, down, sd, ms, S, cfg, x.dtype)
 
 
@@ -1062,6 +1065,7 @@ def _route_reduce_kernel(
 
 ROUTE_SPLIT_MAX_TOKENS = 4096  # up to this many tokens: scores split over slices of d (two kernels; fills the GPU)
 ROUTE_SPLIT_K = 256  # columns of d per slice
+ROUTE_TILE = 16  # tokens per program of the split router (the most the GEMV op takes)
 
 
 @torch.library.custom_op("cmoe::triton_route", mutates_args=())
@@ -1073,18 +1077,13 @@ def triton_route_op(
     else the analytical scores |<u_j, x> act(<g_j, x>)|."""
     T, d = x.shape
     E = gate.shape[0]
-    idx = torch.empty(T, top_k, device=x.device, dtype=torch.int64)
-    wt = torch.empty(T, top_k, device=x.device, dtype=torch.float32)
-    p = torch.empty(T, E, device=x.device, dtype=torch.float32)
+    idx, wt, p, be, ieee, upcast = _route_outputs(x, gate, top_k)
     if T == 0:
         return idx, wt, p
     x, gate, up = x.contiguous(), gate.contiguous(), up.contiguous()
-    ieee = _router_ieee(x, gate)
-    be = max(16, triton.next_power_of_2(E))
-    upcast = _INTERPRET and not ieee
     code = _ACT_CODE[act]
     if T <= ROUTE_SPLIT_MAX_TOKENS:
-        bt = 16
+        bt = ROUTE_TILE
         tiles = triton.cdiv(T, bt)
         bk, kper, splits = _route_slices(d)
         part = torch.empty(splits, 2, tiles * bt, be, device=x.device, dtype=torch.float32)
@@ -1103,6 +1102,18 @@ def triton_route_op(
         A=top_k, ACT=code, BT=bt, BE=be, BK=64, UPCAST=upcast, IEEE=ieee, LINEAR=linear, num_warps=4,
     )
     return idx, wt, p
+
+
+def _route_outputs(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple:
+    """(idx [T, a] int64, weight [T, a] float32, probs [T, E] float32) to be written by the router's
+    kernels, and their settings: (BE: the experts padded to a power of 2, at least 16; IEEE: exact
+    float32 products; UPCAST: bf16 operands in float32 for the interpreter)."""
+    T, E = x.shape[0], gate.shape[0]
+    idx = torch.empty(T, top_k, device=x.device, dtype=torch.int64)
+    wt = torch.empty(T, top_k, device=x.device, dtype=torch.float32)
+    p = torch.empty(T, E, device=x.device, dtype=torch.float32)
+    ieee = _router_ieee(x, gate)
+    return idx, wt, p, max(16, triton.next_power_of_2(E)), ieee, _INTERPRET and not ieee
 
 
 def _route_slices(d: int) -> tuple[int, int, int]:
@@ -1415,27 +1426,21 @@ def _gemv_sync(x: torch.Tensor) -> torch.Tensor:
 def _gemv_route_gate_up_all(x, gate_up, sgu, ms: int, S: int, router_gate, router_up, bias, scale, linear: bool,
                             act: str, top_k: int, sync: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h [T, S + a, m] float32, idx, weight): the router and every slot's act(gate) * up in one
-    launch (``_gemv_route_gate_up``; T <= 16 tokens); ``sync``: [2] int32 zeros."""
+    launch (``_gemv_route_gate_up``; T <= ROUTE_TILE tokens); ``sync``: [2] int32 zeros."""
     T, d = x.shape
     E, m = gate_up.shape[0], gate_up.shape[1] // 2
     router_gate, router_up = router_gate.contiguous(), router_up.contiguous()
-    ieee = _router_ieee(x, router_gate)
-    be, bt = max(16, triton.next_power_of_2(E)), 16
+    idx, wt, p, be, ieee, upcast = _route_outputs(x, router_gate, top_k)
     rbk, kper, splits = _route_slices(d)
-    idx = torch.empty(T, top_k, device=x.device, dtype=torch.int64)
-    wt = torch.empty(T, top_k, device=x.device, dtype=torch.float32)
-    p = torch.empty(T, E, device=x.device, dtype=torch.float32)
-    part = torch.empty(splits, 2, bt, be, device=x.device, dtype=torch.float32)
+    part = torch.empty(splits, 2, ROUTE_TILE, be, device=x.device, dtype=torch.float32)
     h = torch.empty(T, S + top_k, m, device=x.device, dtype=torch.float32)
-    bn, bk, nw = GEMV_CONFIG["gate_up"]
-    bn = _gemv_bn(bn, m, T * (S + top_k)) if not _INTERPRET else 16
-    bk = min(bk, triton.next_power_of_2(d))
+    bn, bk, nw = _gemv_gate_up_tiles(GEMV_CONFIG, m, d, T * (S + top_k))
     nb = triton.cdiv(m, bn)
     _gemv_route_gate_up[(splits + nb * T * (S + top_k),)](
         x, idx, gate_up, sgu, h, router_gate, router_up, bias, scale, wt, p, part, sync,
         T, d, m, ms, E, kper, nb,
-        A=top_k, S=S, ACT=_ACT_CODE[act], BN=bn, BK=bk, SPLITS=splits, BT=bt, BE=be, RBK=rbk,
-        UPCAST=_INTERPRET and not ieee, IEEE=ieee, LINEAR=linear, num_warps=nw,
+        A=top_k, S=S, ACT=_ACT_CODE[act], BN=bn, BK=bk, SPLITS=splits, BT=ROUTE_TILE, BE=be, RBK=rbk,
+        UPCAST=upcast, IEEE=ieee, LINEAR=linear, num_warps=nw,
     )
     return h, idx, wt
 
@@ -1448,8 +1453,8 @@ def triton_gemv_op(
 ) -> torch.Tensor:
     """The whole CMoE FFN (router, shared and routed experts) on the GEMV path: [T, d]."""
     _check(x, None, None, gate_up, down, act)
-    if x.shape[0] > 16:
-        raise ValueError(f"the GEMV path takes at most 16 tokens, got {x.shape[0]}")
+    if x.shape[0] > ROUTE_TILE:
+        raise ValueError(f"the GEMV path takes at most {ROUTE_TILE} tokens, got {x.shape[0]}")
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     ms, S, sgu, sd = _shared_pieces((shared_gate_up, shared_down) if shared_down is not None else None, gate_up, down)
     sync = _gemv_sync(x)
