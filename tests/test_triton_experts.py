@@ -321,8 +321,8 @@ def test_fused_router_sums_every_slice_of_d(monkeypatch, d, kind):
     torch.testing.assert_close(w1, w0, atol=1e-5, rtol=1e-4)
 
 
-def _moe(dtype=torch.float32, act="silu", a=2, shared=20, router="analytical"):
-    spec = MoELayerSpec(hidden_size=36, shared_size=shared, num_experts=5, expert_size=20, top_k=a, act=act, router=router)
+def _moe(dtype=torch.float32, act="silu", a=2, shared=20, router="analytical", hidden=36):
+    spec = MoELayerSpec(hidden_size=hidden, shared_size=shared, num_experts=5, expert_size=20, top_k=a, act=act, router=router)
     mod = CMoEMLP(spec, impl="triton")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -574,14 +574,7 @@ def test_gemv_layer_op_sets_its_flags_back():
     each call equals the loop oracle with its own routing, and the flags end at 0. d = 600 gives
     the router three programs (slices of 256 columns), so the last one to finish sums them. More
     than 16 tokens (one tile of the router's programs) is refused."""
-    mods = []
-    for r in ("analytical", "linear"):
-        spec = MoELayerSpec(hidden_size=600, shared_size=30, num_experts=5, expert_size=20, top_k=2, act="silu", router=r)
-        mods.append(CMoEMLP(spec, impl="triton"))
-        with torch.no_grad():
-            for p in mods[-1].parameters():
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(mods))) * 0.05)
-        mods[-1].to(DEVICE).eval()
+    mods = [_moe(a=2, shared=30, router=r, hidden=600) for r in ("analytical", "linear")]
     assert te._route_slices(600)[2] == 3
     with torch.no_grad():
         for i in range(4):
