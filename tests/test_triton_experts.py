@@ -298,10 +298,13 @@ def test_fused_router_matches(T, E, a, act, dtype, kind):
         i1, w1, p1 = te.fused_route(r, x)
         i2, w2, p2 = te.fused_route(r, x)  # the split-d scratch must be left clean
     assert i1.dtype == torch.int64 and w1.dtype == torch.float32 and p1.shape == (T, E)
-    torch.testing.assert_close(p1, p0, atol=1e-5, rtol=1e-4)
+    # the analytical router's scores reach about 40 here (unit-variance weights, d = 40): fp32
+    # rounding in another summation order moves its probabilities by up to about 2e-5
+    tol = dict(atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(p1, p0, **tol)
     assert (i1 == i0).float().mean() > 0.99  # ties aside, the same experts
     same = (i1 == i0).all(1)
-    torch.testing.assert_close(w1[same], w0[same], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w1[same], w0[same], **tol)
     assert torch.equal(i1, i2) and torch.equal(w1, w2)
 
 
