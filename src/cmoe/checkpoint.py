@@ -150,9 +150,9 @@ CPU_ALIGN = 64  # bytes: torch's CPU allocator's alignment
 def _align_cpu_tensors_(model) -> None:
     """Copy the CPU parameters and buffers that do not start on a CPU_ALIGN boundary into memory
     that does. transformers (5.2x) can leave CPU tensors as views of the mapped safetensors file,
-    at the file's 8-byte-aligned offsets; torch's CPU kernels (BLAS, grouped_mm) may round
-    differently there than on aligned memory, so that the reloaded model's logits could differ
-    from the saved model's in the last bit (torch 2.14)."""
+    at the file's 8-byte-aligned offsets; torch's CPU kernels (grouped_mm among them) may round
+    differently there than on aligned memory, so that the reloaded model's logits differed from
+    the saved model's in the last bit (torch 2.14.1). Tied weights are one parameter: copied once."""
     for t in [*model.parameters(), *model.buffers()]:
         if t.device.type == "cpu" and t.numel() and t.data_ptr() % CPU_ALIGN:
             t.data = t.data.clone()
