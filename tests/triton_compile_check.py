@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.compiler.errors import CompilationError
 
+from cmoe import decode_attention as da
 from cmoe import triton_experts as te
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -25,7 +26,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 def signature(kernel, pointers: dict[str, str], consts: dict) -> dict[str, str]:
     """Arguments named ``*_ptr`` get the pointer type from ``pointers`` (default: the "x" entry),
-    constexpr arguments "constexpr", the rest i32."""
+    constexpr arguments "constexpr", the rest the type ``pointers`` gives them, or i32."""
     sig = {}
     for name in kernel.arg_names:
         if name in consts:
@@ -33,7 +34,7 @@ def signature(kernel, pointers: dict[str, str], consts: dict) -> dict[str, str]:
         elif name.endswith("_ptr"):
             sig[name] = pointers.get(name, pointers["x"])
         else:
-            sig[name] = "i32"
+            sig[name] = pointers.get(name, "i32")  # a float argument is named in ``pointers`` too
     return sig
 
 
@@ -108,6 +109,13 @@ def cases():
             yield (f"route_reduce {xdt}/{wdt} linear={linear}", te._route_reduce_kernel, rptrs,
                    dict(A=2, ACT=0, BT=16, BE=16, LINEAR=linear))
 
+    for dt, flags in (("*bf16", dict(UPCAST=False, IEEE=False)), ("*fp32", dict(UPCAST=False, IEEE=True))):
+        aptrs = {"x": dt, "mask_ptr": "*u8", "part_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32",
+                 "qk_scale": "fp32"}
+        for slices, mask in ((1, True), (8, True), (8, False)):  # the decode attention: one slice, merged slices
+            yield (f"decode_attention {dt} slices={slices} mask={mask}", da._decode_attention_kernel, aptrs,
+                   dict(GP=16, DP=128, BN=da.BLOCK_KEYS, SLICES=slices, SP=max(2, slices), HAS_MASK=mask, **flags))
+
 
 def front_end(src: ASTSource) -> None:
     """What ``triton.compile`` does before its first lowering pass: AST -> Triton IR, verified."""
@@ -122,11 +130,11 @@ def front_end(src: ASTSource) -> None:
 
 
 # The runtime specialises pointers and the sizes d, m, ms that are multiples of 16 (the real
-# models' are); the weight loads of the expert kernels must then compile to 128-bit vector
+# models' are; for the decode attention, the head size and the strides of q, k and v); the weight loads of the expert kernels must then compile to 128-bit vector
 # loads or asynchronous copies. A scalar 16-bit load ("ld.global....b16") in the PTX means the
 # compiler lost the rows' alignment: Triton 3.6 did so through an ``if`` that picked the
 # weight pointers, and those kernels ran 2-3x slower on the H200.
-ALIGNED_INTS = ("d", "m", "ms")
+ALIGNED_INTS = ("d", "m", "ms", "D", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l")
 
 
 def aligned_attrs(kernel, consts: dict) -> dict:

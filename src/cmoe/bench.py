@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 import torch._dynamo
 
-from cmoe.fused_qkv import fused_qkv, with_fused_qkv
+from cmoe.fused_qkv import fused_qkv
+from cmoe.generation import with_generation_setup
 
 MODELS = {
     "llama2-7b": dict(
@@ -420,7 +421,7 @@ def profile_kernels(run, n: int, log, label: str, top: int = 40) -> None:
 
 
 @torch.no_grad()
-@with_fused_qkv  # as time_generation ran it
+@with_generation_setup  # as time_generation ran it
 def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int = 8) -> None:
     """Where one compiled decode step's time goes (``profile_kernels`` over ``n`` steps)."""
     from cmoe.generation import _cache_kwarg, _forward_logits, decode_stepper, get_static_cache

@@ -22,7 +22,6 @@ CUDA graphs stay valid) unless the parameters were moved or replaced since.
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 
 import torch
@@ -170,14 +169,3 @@ def fused_qkv(model: nn.Module):
         yield attns
     finally:
         unfuse_qkv_(attns)
-
-
-def with_fused_qkv(fn):
-    """Decorates ``fn(model, ...)`` to run inside ``fused_qkv(model)``."""
-
-    @functools.wraps(fn)
-    def wrapper(model, *args, **kwargs):
-        with fused_qkv(model):
-            return fn(model, *args, **kwargs)
-
-    return wrapper

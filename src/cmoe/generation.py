@@ -8,7 +8,8 @@ so a decode step costs the host one replay (about 5 us; ``mode="reduce-overhead"
 in docs/benchmarks/speed-h200.md). Caches that keep state on the host (sliding-window layers)
 use ``mode="reduce-overhead"`` instead. Sampling happens inside the step, and the loop never waits
 on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given. Attentions
-compute q, k and v with one GEMM while generating (``cmoe.fused_qkv``; no weight is copied).
+compute q, k and v with one GEMM while generating (``cmoe.fused_qkv``; no weight is copied), and on
+a GPU the decode steps' attention runs in one Triton launch (``cmoe.attention.decode_attention_on``).
 
     from cmoe.generation import generate, time_generation
     out = generate(model, input_ids, max_new_tokens=64)              # greedy, [B, S + 64]
@@ -20,19 +21,43 @@ Prompts of one batch share their length (no padding); positions run from 0.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .fused_qkv import with_fused_qkv
+from .attention import decode_attention_on
+from .fused_qkv import fused_qkv
 
 try:  # transformers >= 5: static layers track their length on the device
     from transformers import StaticCache
 except ImportError:  # pragma: no cover
     StaticCache = None
+
+
+# ----------------------------------------------------------------------------- setup
+@contextmanager
+def generation_setup(model):
+    """What generating runs a model with, and what timing it measures: q, k and v as one GEMM
+    (``cmoe.fused_qkv``) and, on a GPU, the decode steps' attention in one launch
+    (``cmoe.attention.decode_attention_on``); the model as it was on exit."""
+    with fused_qkv(model), decode_attention_on(model):
+        yield
+
+
+def with_generation_setup(fn):
+    """Decorates ``fn(model, ...)`` to run inside ``generation_setup(model)``."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with generation_setup(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -195,7 +220,7 @@ def _prepare_experts(model) -> None:
 
 # ----------------------------------------------------------------------------- public API
 @torch.no_grad()
-@with_fused_qkv
+@with_generation_setup
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -277,7 +302,7 @@ def _sync(device):
 
 
 @torch.no_grad()
-@with_fused_qkv
+@with_generation_setup
 def time_generation(
     model,
     batch_size: int,

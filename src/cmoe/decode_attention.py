@@ -1,0 +1,205 @@
+"""Attention of one query token over a KV cache (decode), in one Triton launch.
+
+The same function as ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)``
+for a single query position, with grouped-query heads read in place (no ``repeat_kv`` copy of the
+cache, which transformers' SDPA attention makes under torch.compile whenever it passes a mask)::
+
+    out[b, h] = softmax(scaling * q[b, h] . k[b, h // G]^T  where mask[b, :], else -inf) @ v[b, h // G]
+
+One program per (batch row, key/value head, slice of the cache) runs flash attention's online
+softmax over its slice for the G query heads that share the key/value head. When the cache is cut
+into several slices (few rows and heads: batch-1 decode), each program stores its partial result,
+takes a ticket, and the last program of a (row, head) merges the slices, so that no second launch
+is needed. No host synchronisation: it captures in a CUDA graph and traces as one op.
+
+On a machine without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, the
+tests), as ``cmoe.triton_experts``'s kernels do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_experts import _INTERPRET
+
+# H200 sweep (docs/benchmarks/speed-h200.md, run z): fewer (row, head) pairs than SMs (decode at
+# batch 1-8) are cut into slices of the cache, to about SPLIT_PROGRAMS_PER_SM programs per SM, each
+# slice at least MIN_BLOCKS_PER_SLICE blocks of keys; with as many pairs as SMs, one program each
+BLOCK_KEYS = 64  # keys per step of a program's loop
+SPLIT_PROGRAMS_PER_SM = 2
+MIN_BLOCKS_PER_SLICE = 2
+MAX_SLICES = 16  # the merge reads every slice at once
+NUM_WARPS, NUM_STAGES = 4, 3
+CPU_SMS = 16  # what the interpreter stands in for
+_TICKETS: dict = {}
+_TICKET_SLOTS = 4096  # (row, head) pairs that can be cut into slices; beyond, one slice each
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr, ticket_ptr,
+    sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
+    L, HKV, G, D, per_slice, qk_scale,
+    GP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, SLICES: tl.constexpr, SP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    sl = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, DP)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST or IEEE:
+        q = q.to(tl.float32)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, DP), tl.float32)
+    start = sl * per_slice
+    stop = tl.minimum(start + per_slice, L)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + h * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h
+    for n0 in range(start, stop, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        n_ok = offs_n < stop
+        kb = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        vb = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST or IEEE:
+            kb = kb.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kb), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kb))
+        ok = n_ok
+        if HAS_MASK:
+            ok = ok & (tl.load(mask_ptr + b * sm_b + offs_n * sm_l, mask=n_ok, other=0) != 0)
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))  # [GP, BN], log2 units
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slice with no key yet: nothing to rescale
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST or IEEE:
+            vb = vb.to(tl.float32)
+        else:
+            p = p.to(vb.dtype)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, vb)
+        m_i = m_new
+    out_rows = out_ptr + (b * HKV + h).to(tl.int64) * G * D + offs_g[:, None] * D + offs_d[None, :]
+    out_ok = g_ok[:, None] & d_ok[None, :]
+    if SLICES == 1:
+        tl.store(out_rows, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        # this slice's (max, sum, unnormalised output) for the G real query heads; the last slice to
+        # finish merges them, every slice's loads issued at once (SLICES is small: MAX_SLICES)
+        part = part_ptr + (bh * SLICES + sl).to(tl.int64) * GP * DP
+        tl.store(part + offs_g[:, None] * DP + offs_d[None, :], acc, mask=out_ok)
+        stat = stat_ptr + (bh * SLICES + sl) * 2 * GP
+        tl.store(stat + offs_g, m_i, mask=g_ok)
+        tl.store(stat + GP + offs_g, l_i, mask=g_ok)
+        if tl.atomic_add(ticket_ptr + bh, 1) == SLICES - 1:  # acq_rel: every other slice's stores are visible
+            offs_s = tl.arange(0, SP)
+            st = stat_ptr + (bh * SLICES + offs_s[:, None]) * 2 * GP + offs_g[None, :]  # [SP, GP]
+            st_ok = (offs_s[:, None] < SLICES) & g_ok[None, :]
+            m_s = tl.load(st, mask=st_ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(st + GP, mask=st_ok, other=0.0, cache_modifier=".cg")
+            m_all = tl.max(m_s, 0)
+            w = tl.exp2(m_s - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])  # [SP, GP]
+            total = tl.sum(w * l_s, 0)
+            merged = tl.zeros((GP, DP), tl.float32)
+            for j in tl.static_range(SLICES):
+                w_j = tl.sum(tl.where(offs_s[:, None] == j, w, 0.0), 0)  # [GP]
+                pa = part_ptr + (bh * SLICES + j).to(tl.int64) * GP * DP
+                merged += w_j[:, None] * tl.load(pa + offs_g[:, None] * DP + offs_d[None, :], mask=out_ok, other=0.0,
+                                                 cache_modifier=".cg")
+            tl.store(out_rows, (merged / tl.where(total > 0, total, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(ticket_ptr + bh, 0)  # back to 0 for the next call
+
+
+def _tickets(device: torch.device) -> torch.Tensor:
+    """The merge tickets for ``device`` and its current stream: int32 zeros, kept across calls (the
+    last program of each (row, head) sets its ticket back to 0). One buffer per stream, as launches
+    on one stream run one after the other; graphs captured on one stream must not be replayed at
+    the same time on different streams. Created on the first (uncaptured) call."""
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(_TICKET_SLOTS, device=device, dtype=torch.int32)
+    return _TICKETS[key]
+
+
+def _slices(rows_heads: int, length: int, device: torch.device) -> tuple[int, int]:
+    """(slices, keys per slice) of a cache of ``length`` positions read by ``rows_heads`` (row,
+    key/value head) pairs."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+    blocks = triton.cdiv(max(length, 1), BLOCK_KEYS)
+    want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, rows_heads) if rows_heads < min(sms, _TICKET_SLOTS) else 1
+    per = max(MIN_BLOCKS_PER_SLICE, triton.cdiv(blocks, max(1, min(want, MAX_SLICES)))) if want > 1 else blocks
+    return triton.cdiv(blocks, per), per * BLOCK_KEYS
+
+
+@torch.library.custom_op("cmoe::decode_attention", mutates_args=())
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """query [B, H, 1, D], key/value [B, Hkv, L, D] (H a multiple of Hkv), mask None or bool
+    [B or 1, 1, 1, L] (True: attend) -> [B, 1, H, D], the layout transformers' attention functions
+    return."""
+    B, H, _, D = query.shape
+    HKV, L = key.shape[1], key.shape[2]
+    G = H // HKV
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    out = torch.empty(B, 1, H, D, device=query.device, dtype=query.dtype)
+    if B == 0:
+        return out
+    gp, dp = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
+    slices, per_slice = _slices(B * HKV, L, query.device)
+    part = torch.empty(B * HKV * slices * gp * dp if slices > 1 else 1, device=query.device, dtype=torch.float32)
+    stat = torch.empty(B * HKV * slices * 2 * gp if slices > 1 else 1, device=query.device, dtype=torch.float32)
+    tickets = _tickets(query.device) if slices > 1 else stat
+    if mask is None:
+        m, sm_b, sm_l = query, 0, 0  # not read
+    else:
+        m = mask.view(torch.uint8)
+        sm_b, sm_l = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(-1)
+    ieee = query.dtype == torch.float32
+    _decode_attention_kernel[(B * HKV, slices)](
+        query, key, value, m, out, part, stat, tickets,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), sm_b, sm_l,
+        L, HKV, G, D, per_slice, scaling * math.log2(math.e),
+        GP=gp, DP=dp, BN=BLOCK_KEYS, SLICES=slices, SP=max(2, triton.next_power_of_2(slices)), HAS_MASK=mask is not None,
+        UPCAST=_INTERPRET and not ieee, IEEE=ieee, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return out
+
+
+@decode_attention.register_fake
+def _(query, key, value, mask, scaling):
+    B, H, _, D = query.shape
+    return query.new_empty(B, 1, H, D)
+
+
+def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``decode_attention`` computes this attention: one query position, the same head size
+    for q, k and v, whole groups of query heads per key/value head, and no mask or a boolean one
+    shared by the heads."""
+    return (
+        query.shape[2] == 1
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and key.shape[1] == value.shape[1]
+        and key.shape[2] == value.shape[2]
+        and query.shape[1] % key.shape[1] == 0
+        and query.dtype == key.dtype == value.dtype
+        and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
+                              and mask.shape[0] in (1, query.shape[0]) and mask.shape[3] == key.shape[2]))
+    )

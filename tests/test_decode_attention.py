@@ -1,0 +1,160 @@
+"""cmoe.decode_attention against SDPA: one query position over a cache, grouped heads, masks.
+
+Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here before the
+kernel is defined), on small shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+da = pytest.importorskip("cmoe.decode_attention", reason="triton is not installed")  # noqa: E402
+from conftest import tiny_model  # noqa: E402
+
+from cmoe import attention  # noqa: E402
+from cmoe.generation import generate  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not da._INTERPRET:
+    pytest.skip("cmoe.triton_experts was imported before TRITON_INTERPRET=1 was set; run this file alone",
+                allow_module_level=True)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def problem(B, H, HKV, L, D, dtype, seed=0, mask="none"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)  # [B, H, 1, D], strided as after q_proj's view
+    k = torch.randn(B, HKV, L, D, generator=g)
+    v = torch.randn(B, HKV, L, D, generator=g)
+    m = None
+    if mask == "holes":  # padding and an unfilled cache tail; every row keeps its last position
+        m = torch.rand(B, 1, 1, L, generator=g) < 0.6
+        m[..., L - 1] = True
+    elif mask == "first":  # one visible key: every later slice of the cache is fully masked
+        m = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+        m[..., 0] = True
+    elif mask == "shared":  # one mask for every row, broadcast
+        m = torch.arange(L).view(1, 1, 1, L) < max(1, L - 3)
+    cast = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), (None if m is None else m.to(DEVICE))
+
+
+def reference(q, k, v, mask, scale):
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    out = F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=scale)  # [B, H, 1, D]
+    return out.transpose(1, 2)  # [B, 1, H, D]
+
+
+def rel_err(out, ref):
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,H,HKV,L,D,mask", [
+    (1, 4, 4, 1, 16, "none"),  # one cached key
+    (1, 4, 4, 200, 16, "holes"),  # multi-head, several slices merged
+    (3, 6, 2, 131, 24, "holes"),  # grouped heads (3 per key/value head), head size not a power of 2
+    (2, 8, 1, 300, 32, "first"),  # one key/value head; every slice but the first fully masked
+    (2, 4, 2, 65, 16, "shared"),  # a mask broadcast over the batch; one key past a block
+    (5, 2, 2, 9, 8, "none"),
+])
+def test_matches_sdpa(B, H, HKV, L, D, mask, dtype):
+    q, k, v, m = problem(B, H, HKV, L, D, dtype, seed=B * 7 + L, mask=mask)
+    scale = D ** -0.5 * (1.3 if mask == "holes" else 1.0)
+    out = da.decode_attention(q, k, v, m, scale)
+    assert out.dtype == dtype
+    assert rel_err(out, reference(q, k, v, m, scale)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_slice_and_many_slices_agree(dtype, monkeypatch):
+    """The same attention with the cache in one slice per (row, head) (5 blocks of keys, rescaled
+    as the running maximum grows) and in as many slices as fit, twice in a row: the merge tickets
+    go back to 0 after each call."""
+    q, k, v, m = problem(2, 4, 2, 300, 16, dtype, seed=5, mask="holes")
+    ref = reference(q, k, v, m, 0.25)
+    assert da._slices(4, 300, q.device)[0] > 1
+    many = [da.decode_attention(q, k, v, m, 0.25) for _ in range(2)]
+    assert not da._tickets(q.device).any()
+    monkeypatch.setattr(da, "SPLIT_PROGRAMS_PER_SM", 0)
+    assert da._slices(4, 300, q.device)[0] == 1
+    one = da.decode_attention(q, k, v, m, 0.25)
+    for out in (*many, one):
+        assert rel_err(out, ref) < TOL[dtype]
+    torch.testing.assert_close(many[0], many[1], atol=0, rtol=0)
+
+
+def test_slices_cover_the_cache():
+    cpu = torch.device("cpu")
+    for rows_heads, L in ((1, 1), (1, 100_000), (2, 300), (8, 545), (15, 545), (16, 545), (2048, 545), (100_000, 100)):
+        slices, per = da._slices(rows_heads, L, cpu)
+        assert per % da.BLOCK_KEYS == 0 and (slices - 1) * per < L <= slices * per
+        assert slices <= da.MAX_SLICES
+        assert slices == 1 or (rows_heads < da.CPU_SMS and per >= da.MIN_BLOCKS_PER_SLICE * da.BLOCK_KEYS)
+    assert da._slices(8, 545, cpu)[0] > 1 and da._slices(16, 545, cpu)[0] == 1
+
+
+def test_serves_only_what_it_computes():
+    q, k, v, m = problem(2, 4, 2, 10, 16, torch.float32, mask="holes")
+    assert da.serves(q, k, v, m) and da.serves(q, k, v, None)
+    assert not da.serves(torch.cat([q, q], 2), k, v, m)  # two query positions
+    assert not da.serves(q, k, v, m.float())  # an additive mask
+    assert not da.serves(q, k, v, m.expand(2, 4, 1, 10))  # a mask per head
+    assert not da.serves(q[:, :3], k, v, m)  # 3 query heads over 2 key/value heads
+    assert not da.serves(q, k, v[..., :8], m)  # value heads of another size
+
+
+def test_fake_matches_the_op():
+    q, k, v, m = problem(2, 4, 2, 10, 16, torch.float32, mask="holes")
+    torch.library.opcheck(da.decode_attention, (q, k, v, m, 0.25), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_generation_through_the_kernel_matches_sdpa(family, monkeypatch):
+    """Greedy decoding of tiny models with grouped heads (gemma3: sliding-window layers with their
+    own cache size) gives the same tokens with the decode steps' attention in the kernel. A model
+    on transformers' sdpa runs it while generating, and is back on sdpa after."""
+    model = tiny_model(family, attn_implementation="sdpa").to(DEVICE)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    calls = []
+    real = da.decode_attention
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(da, "decode_attention", counted)
+    monkeypatch.setattr(attention, "_on_gpu", lambda t: True)  # the CPU interpreter stands in for the GPU
+    monkeypatch.setattr(attention, "DECODE_KERNEL", False)
+    ref = generate(model, ids, 8, compile=False)
+    assert not calls
+    monkeypatch.setattr(attention, "DECODE_KERNEL", True)
+    out = generate(model, ids, 8, compile=False)
+    assert len(calls) == 7 * model.config.num_hidden_layers  # every decode step of every layer
+    assert torch.equal(out, ref)
+    assert model.config._attn_implementation == "sdpa"
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids)  # outside generation: transformers' sdpa
+    assert not calls
+
+
+def test_only_models_on_sdpa_switch_and_they_switch_back():
+    eager, sdpa = tiny_model("llama", attn_implementation="eager"), tiny_model("llama", attn_implementation="sdpa")
+    with attention.decode_attention_on(eager), attention.decode_attention_on(sdpa):
+        assert eager.config._attn_implementation == "eager"
+        assert sdpa.config._attn_implementation == attention.NAME
+    assert sdpa.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), attention.decode_attention_on(sdpa):
+        raise RuntimeError
+    assert sdpa.config._attn_implementation == "sdpa"
