@@ -67,6 +67,7 @@ def rel_err(out, ref):
     (2, 8, 1, 300, 32, "first"),  # one key/value head; every slice but the first fully masked
     (2, 4, 2, 65, 16, "shared"),  # a mask broadcast over the batch; one key past a block
     (5, 2, 2, 9, 8, "none"),
+    (1, 2, 1, 100, 160, "holes"),  # head size 160: padded to 256, blocks of 32 keys
 ])
 def test_matches_sdpa(B, H, HKV, L, D, mask, dtype):
     q, k, v, m = problem(B, H, HKV, L, D, dtype, seed=B * 7 + L, mask=mask)

@@ -1,10 +1,11 @@
-"""Lower every Triton kernel of ``cmoe.triton_experts`` to Triton IR for a Hopper GPU (sm_90),
+"""Lower every Triton kernel of ``cmoe.triton_experts`` and ``cmoe.decode_attention`` to Triton IR for a Hopper GPU (sm_90),
 on any machine: the front end of Triton's NVIDIA backend needs no GPU. The interpreter that
 the other tests use runs the kernels' Python, but not the compiler's type checks (for
 example, a variable that is int64 in one branch of an ``if`` and int32 in the other); this
 catches those. Only the front end runs (``make_ir``), a few seconds in all; ``--full`` runs the
-whole compilation to PTX and cubin (minutes); ``--loads`` compiles the bf16 expert kernels to
-PTX and checks that their weight loads are vectorised (about 15 s). Run as a script with TRITON_INTERPRET unset;
+whole compilation to PTX and cubin (minutes); ``--loads`` compiles the bf16 kernels to
+PTX and checks that their weight loads are vectorised, and that the decode attention's shared memory
+stays under ``SHARED_LIMIT`` at every head size (about 20 s). Run as a script with TRITON_INTERPRET unset;
 prints one line per kernel and exits 1 if any failed. ``tests/test_triton_experts.py`` runs it."""
 
 from __future__ import annotations
@@ -112,9 +113,10 @@ def cases():
     for dt, flags in (("*bf16", dict(UPCAST=False, IEEE=False)), ("*fp32", dict(UPCAST=False, IEEE=True))):
         aptrs = {"x": dt, "mask_ptr": "*u8", "part_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32",
                  "qk_scale": "fp32"}
-        for slices, mask in ((1, True), (8, True), (8, False)):  # the decode attention: one slice, merged slices
-            yield (f"decode_attention {dt} slices={slices} mask={mask}", da._decode_attention_kernel, aptrs,
-                   dict(GP=16, DP=128, BN=da.BLOCK_KEYS, SLICES=slices, SP=max(2, slices), HAS_MASK=mask, **flags))
+        for slices, mask, dp in ((1, True, 128), (8, True, 128), (8, False, 128), (8, True, 256), (1, True, 64)):
+            # the decode attention: one slice, merged slices; head sizes 64-256
+            yield (f"decode_attention {dt} slices={slices} mask={mask} head={dp}", da._decode_attention_kernel, aptrs,
+                   dict(GP=16, DP=dp, BN=da.block_keys(dp), SLICES=slices, SP=max(2, slices), HAS_MASK=mask, **flags))
 
 
 def front_end(src: ASTSource) -> None:
@@ -145,12 +147,16 @@ def aligned_attrs(kernel, consts: dict) -> dict:
     }
 
 
-def scalar_bf16_loads(kernel, ptrs, consts) -> int:
-    """Compile to PTX with the runtime's alignment specialisation; count scalar 16-bit global loads."""
+def scalar_bf16_loads(kernel, ptrs, consts) -> tuple[int, int]:
+    """Compile to PTX with the runtime's alignment specialisation: (scalar 16-bit global loads,
+    bytes of shared memory per program)."""
     src = ASTSource(fn=kernel, signature=signature(kernel, ptrs, consts), constexprs=consts,
                     attrs=aligned_attrs(kernel, consts))
-    ptx = triton.compile(src, target=TARGET).asm["ptx"]
-    return len(re.findall(r"ld\.global[.:\w]*\.b16\b", ptx))
+    compiled = triton.compile(src, target=TARGET)
+    return len(re.findall(r"ld\.global[.:\w]*\.b16\b", compiled.asm["ptx"])), compiled.metadata.shared
+
+
+SHARED_LIMIT = 100 * 1024  # the decode attention at any head size: well under sm_90's 227 KB per program
 
 
 def loads() -> int:
@@ -160,13 +166,16 @@ def loads() -> int:
     router = {}  # the router's own scalar loads, which the kernel that also routes may have
     for label, kernel, ptrs, consts in cases():
         if label.startswith("route_partial *bf16/*bf16"):
-            router[consts["LINEAR"]] = scalar_bf16_loads(kernel, ptrs, consts)
+            router[consts["LINEAR"]] = scalar_bf16_loads(kernel, ptrs, consts)[0]
     for label, kernel, ptrs, consts in cases():
         if "bf16" not in label or label.startswith(("align", "route")):
             continue
-        n = scalar_bf16_loads(kernel, ptrs, consts) - (router[consts["LINEAR"]] if label.startswith("gemv_route") else 0)
-        failed += n != 0
-        print("ok  " if n == 0 else "FAIL", label, f"{n} scalar 16-bit global loads (the router's not counted)", flush=True)
+        n, shared = scalar_bf16_loads(kernel, ptrs, consts)
+        n -= router[consts["LINEAR"]] if label.startswith("gemv_route") else 0
+        bad = n != 0 or (label.startswith("decode_attention") and shared > SHARED_LIMIT)
+        failed += bad
+        print("FAIL" if bad else "ok  ", label, f"{n} scalar 16-bit global loads (the router's not counted), "
+              f"{shared} bytes of shared memory", flush=True)
     return 1 if failed else 0
 
 

@@ -29,7 +29,8 @@ from .triton_experts import _INTERPRET
 # H200 sweep (docs/benchmarks/speed-h200.md, run z): fewer (row, head) pairs than SMs (decode at
 # batch 1-8) are cut into slices of the cache, to about SPLIT_PROGRAMS_PER_SM programs per SM, each
 # slice at least MIN_BLOCKS_PER_SLICE blocks of keys; with as many pairs as SMs, one program each
-BLOCK_KEYS = 64  # keys per step of a program's loop
+BLOCK_KEYS = 64  # keys per step of a program's loop, for head sizes up to 128 (fewer beyond, so that
+# the pipelined key and value blocks take the same shared memory: 72 KB on sm_90)
 SPLIT_PROGRAMS_PER_SM = 2
 MIN_BLOCKS_PER_SLICE = 2
 MAX_SLICES = 16  # the merge reads every slice at once
@@ -131,21 +132,28 @@ def _tickets(device: torch.device) -> torch.Tensor:
     """The merge tickets for ``device`` and its current stream: int32 zeros, kept across calls (the
     last program of each (row, head) sets its ticket back to 0). One buffer per stream, as launches
     on one stream run one after the other; graphs captured on one stream must not be replayed at
-    the same time on different streams. Created on the first (uncaptured) call."""
+    the same time on different streams. Created on the first call on a stream (when that call is
+    being captured in a CUDA graph, the graph zeroes it at each replay too)."""
     key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
     if key not in _TICKETS:
         _TICKETS[key] = torch.zeros(_TICKET_SLOTS, device=device, dtype=torch.int32)
     return _TICKETS[key]
 
 
-def _slices(rows_heads: int, length: int, device: torch.device) -> tuple[int, int]:
+def block_keys(head_size: int) -> int:
+    """Keys per step of a program's loop for this head size."""
+    return max(16, BLOCK_KEYS * 128 // max(128, triton.next_power_of_2(head_size)))
+
+
+def _slices(rows_heads: int, length: int, device: torch.device, bn: int | None = None) -> tuple[int, int]:
     """(slices, keys per slice) of a cache of ``length`` positions read by ``rows_heads`` (row,
-    key/value head) pairs."""
+    key/value head) pairs, in blocks of ``bn`` keys (default BLOCK_KEYS)."""
+    bn = bn or BLOCK_KEYS
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
-    blocks = triton.cdiv(max(length, 1), BLOCK_KEYS)
+    blocks = triton.cdiv(max(length, 1), bn)
     want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, rows_heads) if rows_heads < min(sms, _TICKET_SLOTS) else 1
     per = max(MIN_BLOCKS_PER_SLICE, triton.cdiv(blocks, max(1, min(want, MAX_SLICES)))) if want > 1 else blocks
-    return triton.cdiv(blocks, per), per * BLOCK_KEYS
+    return triton.cdiv(blocks, per), per * bn
 
 
 @torch.library.custom_op("cmoe::decode_attention", mutates_args=())
@@ -161,8 +169,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(B, 1, H, D, device=query.device, dtype=query.dtype)
     if B == 0:
         return out
-    gp, dp = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
-    slices, per_slice = _slices(B * HKV, L, query.device)
+    gp, dp, bn = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D)), block_keys(D)
+    slices, per_slice = _slices(B * HKV, L, query.device, bn)
     part = torch.empty(B * HKV * slices * gp * dp if slices > 1 else 1, device=query.device, dtype=torch.float32)
     stat = torch.empty(B * HKV * slices * 2 * gp if slices > 1 else 1, device=query.device, dtype=torch.float32)
     tickets = _tickets(query.device) if slices > 1 else stat
@@ -177,7 +185,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), sm_b, sm_l,
         L, HKV, G, D, per_slice, scaling * math.log2(math.e),
-        GP=gp, DP=dp, BN=BLOCK_KEYS, SLICES=slices, SP=max(2, triton.next_power_of_2(slices)), HAS_MASK=mask is not None,
+        GP=gp, DP=dp, BN=bn, SLICES=slices, SP=max(2, triton.next_power_of_2(slices)), HAS_MASK=mask is not None,
         UPCAST=_INTERPRET and not ieee, IEEE=ieee, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
