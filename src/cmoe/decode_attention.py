@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_experts import _INTERPRET
+from .triton_experts import _INTERPRET, stream_flags
 
 # H200 sweep (docs/benchmarks/speed-h200.md, run z): fewer (row, head) pairs than SMs (decode at
 # batch 1-8) are cut into slices of the cache, to about SPLIT_PROGRAMS_PER_SM programs per SM, each
@@ -36,7 +36,6 @@ MIN_BLOCKS_PER_SLICE = 2
 MAX_SLICES = 16  # the merge reads every slice at once
 NUM_WARPS, NUM_STAGES = 4, 3
 CPU_SMS = 16  # what the interpreter stands in for
-_TICKETS: dict = {}
 _TICKET_SLOTS = 4096  # (row, head) pairs that can be cut into slices; beyond, one slice each
 
 
@@ -129,15 +128,9 @@ def _decode_attention_kernel(
 
 
 def _tickets(device: torch.device) -> torch.Tensor:
-    """The merge tickets for ``device`` and its current stream: int32 zeros, kept across calls (the
-    last program of each (row, head) sets its ticket back to 0). One buffer per stream, as launches
-    on one stream run one after the other; graphs captured on one stream must not be replayed at
-    the same time on different streams. Created on the first call on a stream (when that call is
-    being captured in a CUDA graph, the graph zeroes it at each replay too)."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
-    if key not in _TICKETS:
-        _TICKETS[key] = torch.zeros(_TICKET_SLOTS, device=device, dtype=torch.int32)
-    return _TICKETS[key]
+    """The merge tickets for ``device`` and its current stream (``stream_flags``); the last program
+    of each (row, head) sets its ticket back to 0."""
+    return stream_flags("decode_attention", _TICKET_SLOTS, device)
 
 
 def block_keys(head_size: int) -> int:

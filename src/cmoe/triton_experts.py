@@ -104,6 +104,23 @@ ALIGN_COUNT_BLOCK = 4096  # per-chunk counts (chunks x experts) per load in the 
 
 
 # ----------------------------------------------------------------------------- helpers
+_STREAM_FLAGS: dict = {}
+
+
+def stream_flags(name: str, n: int, device: torch.device) -> torch.Tensor:
+    """[n] int32 zeros kept across calls, for the kernels called ``name`` on ``device`` and its
+    current stream: flags or tickets that those kernels set back to 0 before the next launch, so
+    that no kernel has to zero them first. One buffer per stream, as launches on one stream run one
+    after the other; CUDA graphs captured on one stream share its buffer, so they must not be
+    replayed at the same time on different streams (as for graphs that share a memory pool). A
+    buffer first asked for while a CUDA graph is being captured is zeroed by that graph at each
+    replay too."""
+    key = (name, device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    if key not in _STREAM_FLAGS:
+        _STREAM_FLAGS[key] = torch.zeros(n, device=device, dtype=torch.int32)
+    return _STREAM_FLAGS[key]
+
+
 @triton.jit
 def _act(g, ACT: tl.constexpr):
     if ACT == 0:  # silu
@@ -1408,19 +1425,10 @@ def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
 # gate/up as a launch of its own, and 0.4377-0.4399 with the flags zeroed by a fill kernel in each
 # layer instead of by the down kernel (docs/benchmarks/speed-h200.md, "Run w")
 GEMV_LAYER_OP = True  # the GEMV path as one op (router, shared and routed experts)
-_GEMV_SYNC: dict = {}
-
-
 def _gemv_sync(x: torch.Tensor) -> torch.Tensor:
-    """The flags of ``_gemv_route_gate_up`` for x's device and current stream: [2] int32, zero
-    between launches (the down kernel that follows each launch sets them back to 0), kept across
-    calls so that no kernel has to zero them first. One buffer per stream: launches on one stream
-    run one after the other. CUDA graphs captured on one stream share its buffer, so they must not
-    be replayed at the same time on different streams (as for graphs that share a memory pool)."""
-    key = (x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
-    if key not in _GEMV_SYNC:
-        _GEMV_SYNC[key] = torch.zeros(2, device=x.device, dtype=torch.int32)
-    return _GEMV_SYNC[key]
+    """The flags of ``_gemv_route_gate_up`` for x's device and current stream (``stream_flags``):
+    [2] int32; the down kernel that follows each launch sets them back to 0."""
+    return stream_flags("gemv_route_gate_up", 2, x.device)
 
 
 def _gemv_route_gate_up_all(x, gate_up, sgu, ms: int, S: int, router_gate, router_up, bias, scale, linear: bool,
