@@ -7,7 +7,7 @@ import torch
 from conftest import calib
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cmoe.generation import generate, sample_logits, time_generation
+from cmoe.generation import ARGMAX_CHUNK, argmax_last, generate, sample_logits, time_generation
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,23 @@ def test_sampling_respects_top_k_and_top_p():
     freq0 = (sample_logits(logits, True, temperature=1.0) == 0).float().mean()
     assert abs(freq0 - p[0]) < 0.05  # the exponential-race sampler draws from softmax
     assert torch.equal(sample_logits(logits, False), torch.zeros(2000, dtype=torch.long))
+
+
+@pytest.mark.parametrize("V", [ARGMAX_CHUNK - 1, 2 * ARGMAX_CHUNK, 5 * ARGMAX_CHUNK + 7, 32000, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_last_is_torch_argmax(V, dtype):
+    g = torch.Generator().manual_seed(V)
+    B = 5
+    x = torch.randn(B, V, generator=g).to(dtype)
+    x[1] = torch.randint(0, 4, (V,), generator=g).to(dtype)  # many ties: the first maximum wins
+    x[2] = 0
+    x[2, [V - 1, V // 2]] = 7  # two maxima in different chunks (the last entry in the tail)
+    x[3, -1] = 100  # the maximum in the tail
+    x[4, ARGMAX_CHUNK - 1 : ARGMAX_CHUNK + 1] = 100  # tied across a chunk boundary
+    want = x.argmax(-1)
+    assert torch.equal(argmax_last(x), want)
+    assert torch.equal(torch.compile(argmax_last, fullgraph=True)(x), want)
+    assert torch.equal(argmax_last(x[:1]), want[:1])
 
 
 def test_sampled_generation_runs(tiny):

@@ -1,4 +1,4 @@
-"""Lower every Triton kernel of ``cmoe.triton_experts`` and ``cmoe.decode_attention`` to Triton IR for a Hopper GPU (sm_90),
+"""Lower every Triton kernel of ``cmoe.triton_experts``, ``cmoe.decode_attention`` and ``cmoe.gemv`` to Triton IR for a Hopper GPU (sm_90),
 on any machine: the front end of Triton's NVIDIA backend needs no GPU. The interpreter that
 the other tests use runs the kernels' Python, but not the compiler's type checks (for
 example, a variable that is int64 in one branch of an ``if`` and int32 in the other); this
@@ -20,6 +20,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.compiler.errors import CompilationError
 
 from cmoe import decode_attention as da
+from cmoe import gemv
 from cmoe import triton_experts as te
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -117,6 +118,9 @@ def cases():
             # the decode attention: one slice, merged slices; head sizes 64-256
             yield (f"decode_attention {dt} slices={slices} mask={mask} head={dp}", da._decode_attention_kernel, aptrs,
                    dict(GP=16, DP=dp, BN=da.block_keys(dp), SLICES=slices, SP=max(2, slices), HAS_MASK=mask, **flags))
+        bn, bk, _ = gemv.GEMV_TILE
+        for bias in (False, True):  # one row through a linear layer
+            yield (f"gemv {dt} bias={bias}", gemv._gemv_kernel, {"x": dt}, dict(HAS_BIAS=bias, BN=bn, BK=bk))
 
 
 def front_end(src: ASTSource) -> None:
@@ -136,7 +140,7 @@ def front_end(src: ASTSource) -> None:
 # loads or asynchronous copies. A scalar 16-bit load ("ld.global....b16") in the PTX means the
 # compiler lost the rows' alignment: Triton 3.6 did so through an ``if`` that picked the
 # weight pointers, and those kernels ran 2-3x slower on the H200.
-ALIGNED_INTS = ("d", "m", "ms", "D", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l")
+ALIGNED_INTS = ("d", "m", "ms", "D", "K", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l")
 
 
 def aligned_attrs(kernel, consts: dict) -> dict:
@@ -168,8 +172,8 @@ def loads() -> int:
         if label.startswith("route_partial *bf16/*bf16"):
             router[consts["LINEAR"]] = scalar_bf16_loads(kernel, ptrs, consts)[0]
     for label, kernel, ptrs, consts in cases():
-        if "bf16" not in label or label.startswith(("align", "route")):
-            continue
+        if "bf16" not in label or label.startswith(("align", "route")) or label.endswith("bias=True"):
+            continue  # (gemv's bias: BN entries per program, read one by one; its weight loads are checked without)
         n, shared = scalar_bf16_loads(kernel, ptrs, consts)
         n -= router[consts["LINEAR"]] if label.startswith("gemv_route") else 0
         bad = n != 0 or (label.startswith("decode_attention") and shared > SHARED_LIMIT)

@@ -48,9 +48,10 @@ class _QKV(nn.Module):
         super().__init__()
         self.weight, self.bias = q.weight, q.bias  # the same parameters (views of fused_w, fused_b)
         self.__dict__.update(fused_w=fused_w, fused_b=fused_b, sizes=sizes, handoff=handoff)  # not in state_dict
+        self.__dict__["linear"] = F.linear  # cmoe.gemv.gemv_projections swaps in its one-row GEMV
 
     def forward(self, x):
-        q, k, v = F.linear(x, self.fused_w, self.fused_b).split(self.sizes, dim=-1)
+        q, k, v = self.linear(x, self.fused_w, self.fused_b).split(self.sizes, dim=-1)
         self.handoff.x, self.handoff.k, self.handoff.v = x, k, v
         return q
 

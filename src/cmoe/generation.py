@@ -40,12 +40,28 @@ except ImportError:  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------- setup
+GEMV_PROJECTIONS = True  # on a GPU, the attention projections of one-row steps through cmoe.gemv
+
+
 @contextmanager
 def generation_setup(model):
     """What generating runs a model with, and what timing it measures: q, k and v as one GEMM
     (``cmoe.fused_qkv``) and, on a GPU, the decode steps' attention in one launch
-    (``cmoe.attention.decode_attention_on``); the model as it was on exit."""
-    with fused_qkv(model), decode_attention_on(model):
+    (``cmoe.attention.decode_attention_on``) and, at batch 1, the attention projections as
+    one-launch GEMVs (``cmoe.gemv.gemv_projections``); the model as it was on exit."""
+    with fused_qkv(model), decode_attention_on(model), _gemv_projections(model):
+        yield
+
+
+@contextmanager
+def _gemv_projections(model):
+    p = next(model.parameters(), None)
+    if not (GEMV_PROJECTIONS and p is not None and p.is_cuda):
+        yield
+        return
+    from .gemv import gemv_projections  # Triton: only on a GPU
+
+    with gemv_projections(model):
         yield
 
 
@@ -71,7 +87,7 @@ def sample_logits(
     """Next tokens [B] from logits [B, V]: argmax, or a sample after temperature, top-k and
     top-p (Hugging Face's order); no host synchronisation."""
     if not do_sample:
-        return logits.argmax(-1)
+        return argmax_last(logits)
     logits = logits.float() / max(temperature, 1e-5)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [B, 1]
@@ -85,7 +101,30 @@ def sample_logits(
     probs = logits.softmax(-1)
     # sample without torch.multinomial (no sync): argmax of p / Exp(1)
     q = torch.empty_like(probs).exponential_(1)
-    return (probs / q).argmax(-1)
+    return argmax_last(probs / q)
+
+
+ARGMAX_CHUNK = 1024  # entries per program of the first pass of argmax_last
+ARGMAX_SPLIT_MAX_ROWS = 64  # more rows: torch.argmax (H200, run aa: the two passes faster at 1-64 rows, 0.5-1.5x at 128-256)
+
+
+def argmax_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` of x [B, V] in two passes: the maximum of each chunk of ARGMAX_CHUNK
+    entries and its index, then the best chunk; the same index (the first maximum) as
+    ``torch.argmax``. Compiled, ``torch.argmax`` over a vocabulary is one program per row, which
+    reads the whole row alone: about 28 us per step for LLaMA-3's 128,256 entries at batch 1 on
+    an H200 (docs/benchmarks/speed-h200.md, run w's profile), where the chunks run side by side
+    (5.0 us, run aa). Beyond ARGMAX_SPLIT_MAX_ROWS rows, ``torch.argmax``."""
+    B, V = x.shape
+    n = V // ARGMAX_CHUNK
+    if n < 2 or B > ARGMAX_SPLIT_MAX_ROWS:
+        return x.argmax(-1)
+    vals, idx = x[:, : n * ARGMAX_CHUNK].reshape(B, n, ARGMAX_CHUNK).max(-1)  # [B, n]: first maximum per chunk
+    idx = idx + torch.arange(0, n * ARGMAX_CHUNK, ARGMAX_CHUNK, device=x.device)
+    if V > n * ARGMAX_CHUNK:  # the entries after the last whole chunk
+        tail_val, tail_idx = x[:, n * ARGMAX_CHUNK :].max(-1, keepdim=True)
+        vals, idx = torch.cat([vals, tail_val], 1), torch.cat([idx, tail_idx + n * ARGMAX_CHUNK], 1)
+    return idx.gather(1, vals.argmax(-1, keepdim=True)).squeeze(1)  # the first chunk holding the maximum
 
 
 # ----------------------------------------------------------------------------- model call
@@ -329,7 +368,7 @@ def time_generation(
         pos = torch.arange(prompt_len, device=device)[None]
         _sync(device)
         t0 = time.perf_counter()
-        tok = _forward_logits(model, ids, pos, cache, kw).argmax(-1)[:, None]
+        tok = argmax_last(_forward_logits(model, ids, pos, cache, kw))[:, None]
         _sync(device)
         t1 = time.perf_counter()
         step = decode_stepper(model, cache, kw, tok, prompt_len, (False, 1.0, None, None), compile)
