@@ -1,13 +1,20 @@
-"""Tiny random-weight models of every supported family, built from configs in code."""
+"""Tiny random-weight models of every supported family, built from configs in code; the Triton
+kernel modules for the test files that check them."""
 
 from __future__ import annotations
+
+import importlib
+import os
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, CONFIG_MAPPING, PreTrainedTokenizerFast
 
-import cmoe  # noqa: F401  (registers the cmoe_* Auto classes)
+if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter: set before any kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import cmoe  # noqa: E402, F401  (registers the cmoe_* Auto classes)
 
 TINY = dict(
     hidden_size=64,
@@ -28,6 +35,18 @@ EXTRA = {
     "qwen3": dict(head_dim=16),
 }
 FAMILY_TYPES = sorted(cmoe.FAMILIES)
+
+
+def kernel_module(name: str):
+    """``cmoe.<name>``, a module of Triton kernels, for a test file that checks it. Without a GPU
+    the kernels run in Triton's interpreter on small shapes (TRITON_INTERPRET=1, set above). Skips
+    the file when Triton is not installed, or when the interpreter is off without a GPU (the
+    variable set to 0 by the caller)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    mod = importlib.import_module(f"cmoe.{name}")
+    if not torch.cuda.is_available() and not importlib.import_module("cmoe.triton_experts")._INTERPRET:
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
+    return mod
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:

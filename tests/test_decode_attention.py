@@ -1,30 +1,21 @@
 """cmoe.decode_attention against SDPA: one query position over a cache, grouped heads, masks.
 
-Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here before the
-kernel is defined), on small shapes.
+Without a GPU the kernel runs in Triton's interpreter (``conftest.kernel_module``), on small shapes.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kernel_module, tiny_model
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cmoe import attention
+from cmoe.generation import generate
 
-da = pytest.importorskip("cmoe.decode_attention", reason="triton is not installed")  # noqa: E402
-from conftest import tiny_model  # noqa: E402
-
-from cmoe import attention  # noqa: E402
-from cmoe.generation import generate  # noqa: E402
+da = kernel_module("decode_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not da._INTERPRET:
-    pytest.skip("cmoe.triton_experts was imported before TRITON_INTERPRET=1 was set; run this file alone",
-                allow_module_level=True)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 

@@ -1,26 +1,18 @@
 """cmoe.gemv against a float64 matrix-vector product: one row through a linear layer.
 
-Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here before the
-kernel is defined), on small shapes.
+Without a GPU the kernel runs in Triton's interpreter (``conftest.kernel_module``), on small shapes.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kernel_module, tiny_model
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-gemv = pytest.importorskip("cmoe.gemv", reason="triton is not installed")  # noqa: E402
+gemv = kernel_module("gemv")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not gemv._INTERPRET:
-    pytest.skip("cmoe.triton_experts was imported before TRITON_INTERPRET=1 was set; run this file alone",
-                allow_module_level=True)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -80,8 +72,6 @@ def test_gemv_compiles_with_its_fake():
 
 
 def test_gemv_projections_swap_and_put_back():
-    from conftest import tiny_model
-
     from cmoe.fused_qkv import fused_qkv
 
     model = tiny_model("llama")
@@ -103,8 +93,6 @@ def test_gemv_projections_swap_and_put_back():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="gemv_projections call the kernel on a GPU only")
 def test_generation_with_gemv_projections_on_the_gpu(monkeypatch):
-    from conftest import tiny_model
-
     from cmoe import generation
     from cmoe.fused_qkv import fused_qkv
 

@@ -1,7 +1,7 @@
 """Every routed-expert path against the loop oracle.
 
-Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here
-before the kernels are defined), on small odd shapes.
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest before the kernels are defined), on small odd shapes.
 """
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ import os
 
 import pytest
 import torch
+from conftest import kernel_module
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from cmoe import activations, experts  # noqa: E402
-from cmoe.moe import ROUTERS, CMoEMLP, MoELayerSpec  # noqa: E402
+from cmoe import activations, experts
+from cmoe.moe import ROUTERS, CMoEMLP, MoELayerSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -70,12 +68,7 @@ def test_select_path_with_shared_expert_every_activation(act, dtype):
 
 
 # ----------------------------------------------------------------------------- Triton paths
-te = pytest.importorskip("cmoe.triton_experts", reason="triton is not installed")
-if DEVICE == "cpu" and not te._INTERPRET:
-    pytest.skip(
-        "cmoe.triton_experts was imported before TRITON_INTERPRET=1 was set; run this file alone",
-        allow_module_level=True,
-    )
+te = kernel_module("triton_experts")
 
 
 def _run(path, x, idx, w, gu, dn, act):

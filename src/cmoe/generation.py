@@ -9,7 +9,9 @@ in docs/benchmarks/speed-h200.md). Caches that keep state on the host (sliding-w
 use ``mode="reduce-overhead"`` instead. Sampling happens inside the step, and the loop never waits
 on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given. Attentions
 compute q, k and v with one GEMM while generating (``cmoe.fused_qkv``; no weight is copied), and on
-a GPU the decode steps' attention runs in one Triton launch (``cmoe.attention.decode_attention_on``).
+a GPU the decode steps' attention runs in one Triton launch (``cmoe.attention.decode_attention_on``)
+and, at batch 1, the attention projections as one-launch GEMVs (``cmoe.gemv``). Greedy decoding
+takes the argmax over the vocabulary in two passes (``argmax_last``).
 
     from cmoe.generation import generate, time_generation
     out = generate(model, input_ids, max_new_tokens=64)              # greedy, [B, S + 64]
