@@ -51,18 +51,25 @@ def generation_setup(model):
     (``cmoe.fused_qkv``) and, on a GPU, the decode steps' attention in one launch
     (``cmoe.attention.decode_attention_on``) and, at batch 1, the attention projections as
     one-launch GEMVs (``cmoe.gemv.gemv_projections``); the model as it was on exit."""
-    with fused_qkv(model), decode_attention_on(model), _gemv_projections(model):
+    with fused_qkv(model), decode_attention_on(model), _gpu_setup(model):
         yield
 
 
 @contextmanager
-def _gemv_projections(model):
+def _gpu_setup(model):
+    """For a model on a GPU: the Triton expert kernels registered before tracing (an import inside
+    a traced function would break the graph), and ``gemv_projections`` (GEMV_PROJECTIONS)."""
     p = next(model.parameters(), None)
-    if not (GEMV_PROJECTIONS and p is not None and p.is_cuda):
+    if p is None or not p.is_cuda:
         yield
         return
+    from .experts import _load_triton
     from .gemv import gemv_projections  # Triton: only on a GPU
 
+    _load_triton()
+    if not GEMV_PROJECTIONS:
+        yield
+        return
     with gemv_projections(model):
         yield
 
@@ -249,16 +256,6 @@ def get_static_cache(model, batch_size: int, max_len: int):
     return store[key]
 
 
-def _prepare_experts(model) -> None:
-    """On the GPU, register the Triton kernels before tracing (an import inside a traced
-    function would break the graph)."""
-    p = next(model.parameters(), None)
-    if p is not None and p.is_cuda:
-        from .experts import _load_triton
-
-        _load_triton()
-
-
 # ----------------------------------------------------------------------------- public API
 @torch.no_grad()
 @with_generation_setup
@@ -285,7 +282,6 @@ def generate(
     ``max_len`` sizes the KV cache (default S + max_new_tokens); keep it fixed across calls to
     reuse the compiled graph.
     """
-    _prepare_experts(model)
     B, S = input_ids.shape
     device = input_ids.device
     cache = get_static_cache(model, B, max_len or S + max_new_tokens)
@@ -357,7 +353,6 @@ def time_generation(
     """Median time of a prefill (``batch_size x prompt_len`` random tokens) and of one greedy
     decode step, measured over ``new_tokens`` steps after a warm-up run (compilation and CUDA
     graph capture excluded)."""
-    _prepare_experts(model)
     device = next(model.parameters()).device
     V = vocab_size or model.config.vocab_size
     g = torch.Generator(device="cpu").manual_seed(seed)

@@ -1425,6 +1425,8 @@ def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
 # gate/up as a launch of its own, and 0.4377-0.4399 with the flags zeroed by a fill kernel in each
 # layer instead of by the down kernel (docs/benchmarks/speed-h200.md, "Run w")
 GEMV_LAYER_OP = True  # the GEMV path as one op (router, shared and routed experts)
+
+
 def _gemv_sync(x: torch.Tensor) -> torch.Tensor:
     """The flags of ``_gemv_route_gate_up`` for x's device and current stream (``stream_flags``):
     [2] int32; the down kernel that follows each launch sets them back to 0."""
