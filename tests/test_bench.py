@@ -99,3 +99,29 @@ def test_report_writes_the_split_and_the_ffn_costs(tmp_path):
     saved = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert [r["config"] for r in saved] == ["dense", "no FFN", "S1A1E8"]
     assert saved[2]["ffn"] == {"bytes": 1e9, "flops": 1e9} and saved[1]["ratio"] is None
+
+
+def test_coordinate_descent_flag_sets_inductor_for_every_model_of_the_run(monkeypatch):
+    """``--coordinate-descent``: every model of the run is built (and so compiled) under inductor's
+    coordinate-descent tuning, and only then; the setting is put back after the run."""
+    import torch._inductor.config as inductor_config
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def build(name, layers=None):
+        seen.append(inductor_config.coordinate_descent_tuning)
+        raise Built
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: CEIL)
+    monkeypatch.setattr(bench, "build_dense", build)
+    before = inductor_config.coordinate_descent_tuning
+    for flag, want in (([], before), (["--coordinate-descent"], True)):
+        with pytest.raises(Built):
+            bench.main(["--models", "llama2-7b", *flag])
+        assert seen.pop() is want
+        assert inductor_config.coordinate_descent_tuning is before

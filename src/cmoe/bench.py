@@ -16,6 +16,11 @@ max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy bandwidth BW and the 
 peak measured at the start of the run, and bytes counting only the experts the routing touches
 in that step.
 
+With ``--coordinate-descent`` every compile of the run, dense and MoE alike, uses inductor's
+coordinate-descent tuning, under which inductor also runs one-row matmuls (the dense FFN at batch 1)
+as its own tuned reductions instead of cuBLAS's GEMVs: a stronger dense baseline at batch 1
+(docs/benchmarks/speed-h200.md, "Run ab").
+
 With ``--rest`` it also times each model shape with every FFN removed ("no FFN") and prints where
 each cell's time goes: the rest of the forward, the FFNs in context (the cell's time minus the
 rest) against their floor, and the best ratio that FFNs at their floor could give with the rest as
@@ -540,6 +545,11 @@ def report(rows, memory, ceil, dev, out, log=None, notes=()) -> None:
             )
 
 
+def inductor_settings(args) -> dict:
+    """The inductor settings that every compile of the run uses, dense and MoE alike."""
+    return {"coordinate_descent_tuning": True} if args.coordinate_descent else {}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cmoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -556,6 +566,9 @@ def main(argv=None) -> int:
     p.add_argument("--rest", action="store_true",
                    help="also time each model with every FFN removed, and print where each cell's time goes: "
                         "the rest of the forward, the FFNs in context against their floor, and the best ratio FFNs at that floor could give")
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="compile everything (dense and MoE alike) with inductor's coordinate-descent tuning, which also "
+                        "turns one-row matmuls (the dense FFN at batch 1) into inductor's own reductions; compiles take longer")
     p.add_argument("--calib", default="2x512", help="calibration tokens NxS for convert_")
     p.add_argument("--out", default=None, help="write the table (markdown) and raw rows (json) here")
     args = p.parse_args(argv)
@@ -577,43 +590,47 @@ def main(argv=None) -> int:
         f"triton {triton.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
         f"command: python benchmarks/bench_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}",
     ]
+    settings = inductor_settings(args)
+    if settings:
+        notes.append(f"inductor settings (every compile, dense and MoE alike): {settings}")
     log("# " + "\n# ".join(notes))
     ceil = measure_ceilings()
     log(f"ceilings: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s")
     rows: list[Row] = []
     memory = []
-    for name in args.models:
-        for config in ["dense"] + ([NO_FFN] if args.rest else []) + list(args.configs):
-            t0 = time.perf_counter()
-            model = build_dense(name, layers=args.layers)
-            how = "dense"
-            if config == NO_FFN:
-                strip_ffn_(model)
-                how = "every FFN replaced by zeros"
-            elif config != "dense":
-                how = convert_model_(model, config, calib)
-                from cmoe.experts import _load_triton
-                from cmoe.moe import set_expert_impl
+    with torch._inductor.config.patch(settings):
+        for name in args.models:
+            for config in ["dense"] + ([NO_FFN] if args.rest else []) + list(args.configs):
+                t0 = time.perf_counter()
+                model = build_dense(name, layers=args.layers)
+                how = "dense"
+                if config == NO_FFN:
+                    strip_ffn_(model)
+                    how = "every FFN replaced by zeros"
+                elif config != "dense":
+                    how = convert_model_(model, config, calib)
+                    from cmoe.experts import _load_triton
+                    from cmoe.moe import set_expert_impl
 
-                _load_triton()
-                set_expert_impl(model, "auto")
-                err = check_fast_path(model)
-                log(f"  check vs loop oracle: max rel err {err:.2e}")
-                if not err < 3e-2:
-                    log(f"  CHECK FAILED: {name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
-                    notes.append(f"{name} {config}: CHECK FAILED vs loop oracle ({err:.2e})")
-            wb = weight_bytes(model)
-            if config != NO_FFN:
-                memory.append((name, config, wb))
-            notes.append(f"{name} {config}: {how}")
-            log(f"{name} {config}: built ({how}) in {time.perf_counter() - t0:.1f} s; weights {wb['total'] / 2**30:.2f} GiB")
-            if not rows:
-                warm_up(model, name, args, ceil, log)
-            rows += bench_model(model, name, config, args, ceil, log)
-            del model
-            torch._dynamo.reset()  # drop compiled graphs (and the CUDA graphs holding this model's memory)
-            torch.cuda.empty_cache()
-            report(rows, memory, ceil, dev, args.out, log=None, notes=notes)  # partial results, in case the run is cut
+                    _load_triton()
+                    set_expert_impl(model, "auto")
+                    err = check_fast_path(model)
+                    log(f"  check vs loop oracle: max rel err {err:.2e}")
+                    if not err < 3e-2:
+                        log(f"  CHECK FAILED: {name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
+                        notes.append(f"{name} {config}: CHECK FAILED vs loop oracle ({err:.2e})")
+                wb = weight_bytes(model)
+                if config != NO_FFN:
+                    memory.append((name, config, wb))
+                notes.append(f"{name} {config}: {how}")
+                log(f"{name} {config}: built ({how}) in {time.perf_counter() - t0:.1f} s; weights {wb['total'] / 2**30:.2f} GiB")
+                if not rows:
+                    warm_up(model, name, args, ceil, log)
+                rows += bench_model(model, name, config, args, ceil, log)
+                del model
+                torch._dynamo.reset()  # drop compiled graphs (and the CUDA graphs holding this model's memory)
+                torch.cuda.empty_cache()
+                report(rows, memory, ceil, dev, args.out, log=None, notes=notes)  # partial results, in case the run is cut
     report(rows, memory, ceil, dev, args.out, log=log, notes=notes)
     return 0
 
