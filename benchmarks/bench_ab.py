@@ -1,0 +1,219 @@
+"""A/B of settings on the compiled decode step, dense and converted models alike, in one process.
+
+    python benchmarks/bench_ab.py --models llama2-7b --configs S2A2E16 S1A1E8 --batch 1 --rounds 2 \\
+        --arm default \\
+        --arm "cd: torch._inductor.config.coordinate_descent_tuning = True" \\
+        --arm "down: cmoe.triton_experts.GEMV_CONFIG['down'] = (4, 512, 2)"
+
+An arm is ``NAME`` or ``NAME: TARGET = VALUE; TARGET = VALUE ...``: each TARGET a module attribute
+(``package.module.attr``) or an item of one (``package.module.attr['key']``), each VALUE a Python
+literal. The arms run in turn in every round (in reverse order in odd rounds, so that drift over
+the run does not favour one), each with its settings applied and then put back. Every model's
+decode step is captured again for every arm (its static cache dropped), so settings read while the
+step is captured (kernel tiles) take effect; arms that set anything under ``torch._inductor`` or
+``torch._dynamo`` also recompile it (``--recompile``: every arm). Module globals read while the
+step is traced need no recompile: dynamo guards on them and retraces when they change. Models:
+LLaMA shapes with random bf16 weights (``cmoe.bench``), converted with ``cmoe.convert_`` on random
+calibration tokens.
+
+Prints the hardware, one line per (round, arm), then the median over rounds per arm: the time of a
+decode step of each model and each converted model's ratio to dense in the same arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import importlib
+import platform
+import re
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from cmoe import bench
+
+RECOMPILE_PREFIXES = ("torch._inductor", "torch._dynamo")
+_TARGET = re.compile(r"^([A-Za-z_][\w.]*?)\.([A-Za-z_]\w*)(\[(.+)\])?$")
+
+
+@dataclass
+class Setting:
+    module: str  # an importable module, e.g. "cmoe.triton_experts" or "torch._inductor.config"
+    attr: str
+    key: object  # None: the attribute itself; else an item of it
+    value: object
+
+
+@dataclass
+class Arm:
+    name: str
+    settings: list[Setting]
+
+    @property
+    def recompiles(self) -> bool:
+        return any(s.module.startswith(RECOMPILE_PREFIXES) for s in self.settings)
+
+
+def _split_target(target: str) -> tuple[str, str, object]:
+    """"a.b.c['k']" -> ("a.b", "c", "k"): the longest importable prefix is the module."""
+    m = _TARGET.match(target.strip())
+    if not m:
+        raise ValueError(f"bad setting target {target!r}: expected package.module.attr or package.module.attr['key']")
+    path, attr, key = m.group(1), m.group(2), m.group(4)
+    parts = f"{path}.{attr}".split(".")
+    for i in range(len(parts) - 1, 0, -1):  # torch._inductor.config.triton.multi_kernel: module torch._inductor.config
+        try:
+            importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        module, attrs = ".".join(parts[:i]), parts[i:]
+        if len(attrs) > 1:  # a nested attribute (inductor's triton.*): the module object holds it under its dotted name
+            return module, ".".join(attrs), (None if key is None else ast.literal_eval(key))
+        return module, attrs[0], (None if key is None else ast.literal_eval(key))
+    raise ValueError(f"no importable module in setting target {target!r}")
+
+
+def parse_arm(text: str) -> Arm:
+    """``NAME`` or ``NAME: TARGET = VALUE; ...`` -> Arm."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"arm {text!r} has no name")
+    settings = []
+    for part in filter(str.strip, rest.split(";")):
+        target, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"setting {part.strip()!r} of arm {name!r} has no '= VALUE'")
+        module, attr, key = _split_target(target)
+        try:
+            settings.append(Setting(module, attr, key, ast.literal_eval(value.strip())))
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"value {value.strip()!r} of arm {name!r} is not a Python literal") from e
+    return Arm(name, settings)
+
+
+def _get(obj, attr: str):
+    for a in attr.split("."):
+        obj = getattr(obj, a)
+    return obj
+
+
+def _set(obj, attr: str, value) -> None:
+    *head, last = attr.split(".")
+    for a in head:
+        obj = getattr(obj, a)
+    setattr(obj, last, value)
+
+
+@contextmanager
+def applied(arm: Arm):
+    """The arm's settings in effect, then put back (in reverse order), whatever happens inside."""
+    undo = []
+    try:
+        for s in arm.settings:
+            mod = importlib.import_module(s.module)
+            old = _get(mod, s.attr)
+            if s.key is None:
+                _set(mod, s.attr, s.value)
+                undo.append(lambda mod=mod, s=s, old=old: _set(mod, s.attr, old))
+            else:
+                new = dict(old)  # replaced, not mutated, so that the old dict stays as it was
+                new[s.key] = s.value
+                _set(mod, s.attr, new)
+                undo.append(lambda mod=mod, s=s, old=old: _set(mod, s.attr, old))
+        yield
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def summary(results: dict, arms: list[Arm], models: list[str]) -> str:
+    """Markdown table: median step time (ms) over rounds per (arm, model), and each converted
+    model's ratio to dense in the same arm (medians of the per-round ratios)."""
+    configs = [m for m in models if m != "dense"]
+    head = "| arm | dense (ms) | " + " | ".join(f"{c} (ms) | {c} vs dense" for c in configs) + " |"
+    lines = [head, "| " + " | ".join(["---"] * (2 + 2 * len(configs))) + " |"]
+    for arm in arms:
+        runs = results[arm.name]  # list of {model: ms}
+        cells = [f"{statistics.median(r['dense'] for r in runs):.4f}"]
+        for c in configs:
+            cells.append(f"{statistics.median(r[c] for r in runs):.4f}")
+            cells.append(f"{statistics.median(r['dense'] / r[c] for r in runs):.4f}x")
+        lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["llama2-7b"], choices=list(bench.MODELS), help="model shapes")
+    p.add_argument("--configs", nargs="+", default=["S2A2E16"], help="CMoE configurations, each timed against dense")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--recompile", action="store_true", help="recompile the decode step for every arm")
+    p.add_argument("--arm", action="append", required=True, help="NAME or 'NAME: TARGET = VALUE; ...' (repeat the option)")
+    args = p.parse_args(argv)
+    arms = [parse_arm(a) for a in args.arm]
+    if len({a.name for a in arms}) < len(arms):
+        p.error("arm names must differ")
+    if not torch.cuda.is_available():
+        print("bench_ab needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import transformers
+    import triton
+
+    from cmoe.generation import time_generation
+    from cmoe.moe import set_expert_impl
+
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {torch.cuda.get_device_name()}; "
+          f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
+          f"python {platform.python_version()}", flush=True)
+    print(f"# command: python benchmarks/bench_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}", flush=True)
+
+    def step_ms(model) -> float:
+        model.__dict__.pop("_cmoe_static_caches", None)  # its captured steps go with it
+        torch.cuda.empty_cache()
+        t = time_generation(model, args.batch, args.prompt, new_tokens=args.steps, repeats=args.repeats)
+        return t.decode_s * 1e3
+
+    for shape in args.models:
+        models = {"dense": bench.build_dense(shape, layers=args.layers)}
+        for config in args.configs:
+            t0 = time.perf_counter()
+            models[config] = bench.build_dense(shape, layers=args.layers)
+            bench.convert_model_(models[config], config)
+            set_expert_impl(models[config], "auto")
+            print(f"# {shape} {config}: converted in {time.perf_counter() - t0:.0f} s", flush=True)
+        results = {a.name: [] for a in arms}
+        for rnd in range(args.rounds):
+            for arm in arms if rnd % 2 == 0 else arms[::-1]:
+                t0 = time.perf_counter()
+                with applied(arm):
+                    if arm.recompiles or args.recompile:
+                        torch._dynamo.reset()
+                    times = {name: step_ms(m) for name, m in models.items()}
+                if arm.recompiles or args.recompile:
+                    torch._dynamo.reset()  # the next arm compiles without this one's settings
+                results[arm.name].append(times)
+                cells = " ".join(f"{n} {ms:.4f} ms ({times['dense'] / ms:.4f}x)" for n, ms in times.items() if n != "dense")
+                print(f"{shape} b={args.batch} round {rnd} {arm.name}: dense {times['dense']:.4f} ms {cells} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"\n{shape}, batch {args.batch}, {args.layers} layers, median over {args.rounds} rounds:\n")
+        print(summary(results, arms, list(models)), flush=True)
+        del models
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
