@@ -49,14 +49,18 @@ def test_bad_arms_say_what_is_wrong(text, match):
 
 
 def test_settings_apply_inside_and_are_put_back_even_after_an_error():
-    chunk, cd = generation.ARGMAX_CHUNK, inductor_config.coordinate_descent_tuning
-    arm = ab.parse_arm("x: cmoe.generation.ARGMAX_CHUNK = 7; torch._inductor.config.coordinate_descent_tuning = True")
+    chunk, cd, mk = generation.ARGMAX_CHUNK, inductor_config.coordinate_descent_tuning, inductor_config.triton.multi_kernel
+    arm = ab.parse_arm("x: cmoe.generation.ARGMAX_CHUNK = 7; torch._inductor.config.coordinate_descent_tuning = True; "
+                       "torch._inductor.config.triton.multi_kernel = 3")
     with ab.applied(arm):
         assert generation.ARGMAX_CHUNK == 7 and inductor_config.coordinate_descent_tuning is True
+        assert inductor_config.triton.multi_kernel == 3
     assert generation.ARGMAX_CHUNK == chunk and inductor_config.coordinate_descent_tuning is cd
+    assert inductor_config.triton.multi_kernel == mk
     with pytest.raises(RuntimeError), ab.applied(arm):
         raise RuntimeError("inside the arm")
     assert generation.ARGMAX_CHUNK == chunk and inductor_config.coordinate_descent_tuning is cd
+    assert inductor_config.triton.multi_kernel == mk
 
 
 def test_a_dict_item_is_set_in_a_new_dict_and_the_old_one_put_back(monkeypatch):
