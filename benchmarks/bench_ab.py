@@ -72,10 +72,8 @@ def _split_target(target: str) -> tuple[str, str, object]:
             importlib.import_module(".".join(parts[:i]))
         except ImportError:
             continue
-        module, attrs = ".".join(parts[:i]), parts[i:]
-        if len(attrs) > 1:  # a nested attribute (inductor's triton.*): the module object holds it under its dotted name
-            return module, ".".join(attrs), (None if key is None else ast.literal_eval(key))
-        return module, attrs[0], (None if key is None else ast.literal_eval(key))
+        # the attribute may be nested (inductor's triton.*): _get and _set walk its dots
+        return ".".join(parts[:i]), ".".join(parts[i:]), (None if key is None else ast.literal_eval(key))
     raise ValueError(f"no importable module in setting target {target!r}")
 
 
@@ -119,14 +117,9 @@ def applied(arm: Arm):
         for s in arm.settings:
             mod = importlib.import_module(s.module)
             old = _get(mod, s.attr)
-            if s.key is None:
-                _set(mod, s.attr, s.value)
-                undo.append(lambda mod=mod, s=s, old=old: _set(mod, s.attr, old))
-            else:
-                new = dict(old)  # replaced, not mutated, so that the old dict stays as it was
-                new[s.key] = s.value
-                _set(mod, s.attr, new)
-                undo.append(lambda mod=mod, s=s, old=old: _set(mod, s.attr, old))
+            # an item: set in a new dict, not the old one mutated, so that the old dict stays as it was
+            _set(mod, s.attr, s.value if s.key is None else {**old, s.key: s.value})
+            undo.append(lambda mod=mod, s=s, old=old: _set(mod, s.attr, old))
         yield
     finally:
         for fn in reversed(undo):
