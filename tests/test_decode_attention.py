@@ -232,3 +232,24 @@ def test_llama_generation_with_the_rotary_embedding_in_the_kernel_matches_sdpa(m
     assert torch.equal(out, ref)
     attn = model.model.layers[0].self_attn
     assert "forward" not in attn.__dict__ and model.config._attn_implementation == "sdpa"
+
+
+def test_a_deep_copy_of_a_model_runs_its_own_attention_weights():
+    """The folded forward is kept on each attention between entries; a deep copy of the model made
+    after an entry computes with the copy's weights inside ``decode_attention_on``, not with the
+    original's."""
+    import copy
+
+    model = tiny_model("llama", attn_implementation="sdpa")
+    with attention.decode_attention_on(model):
+        pass
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.q_proj.weight.mul_(3)
+        ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+        want = twin(input_ids=ids).logits
+        with attention.decode_attention_on(twin):
+            got = twin(input_ids=ids).logits
+        original = model(input_ids=ids).logits
+    assert not torch.allclose(want, original)
+    torch.testing.assert_close(got, want)

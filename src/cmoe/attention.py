@@ -28,6 +28,7 @@ and an attention kernel that also computes the masked half (on an H200 at 2,048 
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 
 import torch
@@ -111,7 +112,7 @@ def decode_attention_on(model):
     model.set_attn_implementation(register())
     folded = [m for m in model.modules() if _is_llama_attention(m)]
     for m in folded:
-        m.forward = m.__dict__.get(_ROPE_STASH) or m.__dict__.setdefault(_ROPE_STASH, rope_forward(m))
+        m.forward = m.__dict__.setdefault(_ROPE_STASH, types.MethodType(rope_forward, m))
     try:
         yield
     finally:
@@ -142,31 +143,27 @@ def _static_layer(cache, idx: int):
     return layer if type(layer) is StaticLayer and getattr(layer, "is_initialized", False) else None
 
 
-def rope_forward(module):
-    """The forward of a LLaMA attention (``module``'s class forward) whose decode steps on a GPU,
-    over a static cache, run the rotary embedding, the cache write and the attention as one
-    ``decode_attention_rope`` launch; every other call runs the class forward."""
-    original = type(module).forward.__get__(module)
+def rope_forward(module, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+    """The forward of a LLaMA attention (``module``), bound to it by ``decode_attention_on``: its
+    decode steps on a GPU, over a static cache, run the rotary embedding, the cache write and the
+    attention as one ``decode_attention_rope`` launch; every other call runs the class forward. A
+    bound method, so that a deep copy of the module is bound to the copy."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    other = set(kwargs) - _DECODE_KWARGS - {"cache", "past_key_values"}
+    layer = None
+    if DECODE_ROPE and DECODE_KERNEL and not args and not other and not module.training and hidden_states.shape[1] == 1:
+        layer = _static_layer(cache, module.layer_idx) if _on_gpu(hidden_states) and position_embeddings else None
+    if layer is None or not _rope_serves(module, hidden_states, position_embeddings, attention_mask, layer):
+        return type(module).forward(module, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    from .decode_attention import decode_attention_rope
 
-    def forward(hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        other = set(kwargs) - _DECODE_KWARGS - {"cache", "past_key_values"}
-        layer = None
-        if DECODE_ROPE and DECODE_KERNEL and not args and not other and not module.training and hidden_states.shape[1] == 1:
-            layer = _static_layer(cache, module.layer_idx) if _on_gpu(hidden_states) and position_embeddings else None
-        if layer is None or not _rope_serves(module, hidden_states, position_embeddings, attention_mask, layer):
-            return original(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        from .decode_attention import decode_attention_rope
-
-        B, D = hidden_states.shape[0], module.head_dim
-        q, k, v = (proj(hidden_states).view(B, 1, -1, D).transpose(1, 2) for proj in (module.q_proj, module.k_proj, module.v_proj))
-        cos, sin = position_embeddings
-        out = decode_attention_rope(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
-                                    attention_mask, module.scaling)
-        layer.cumulative_length.add_(1)  # what StaticLayer.update does besides the write
-        return module.o_proj(out.reshape(B, 1, -1)), None
-
-    return forward
+    B, D = hidden_states.shape[0], module.head_dim
+    q, k, v = (proj(hidden_states).view(B, 1, -1, D).transpose(1, 2) for proj in (module.q_proj, module.k_proj, module.v_proj))
+    cos, sin = position_embeddings
+    out = decode_attention_rope(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+                                attention_mask, module.scaling)
+    layer.cumulative_length.add_(1)  # what StaticLayer.update does besides the write
+    return module.o_proj(out.reshape(B, 1, -1)), None
 
 
 def _rope_serves(module, hidden, position_embeddings, mask, layer) -> bool:
