@@ -207,12 +207,17 @@ def test_rope_fake_matches_the_op():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_llama_generation_with_the_rotary_embedding_in_the_kernel_matches_sdpa(monkeypatch):
+@pytest.mark.parametrize("causal_sdpa", [False, True], ids=["sdpa", "causal-sdpa"])
+def test_llama_generation_with_the_rotary_embedding_in_the_kernel_matches_sdpa(monkeypatch, causal_sdpa):
     """Greedy decoding of a tiny LLaMA (grouped heads) gives the same tokens when every decode step
     of every layer runs ``decode_attention_rope`` (its own rotary embedding and cache write) as
-    with transformers' rotary embedding, cache update and SDPA. The attentions get their own
-    forward back afterwards."""
+    with transformers' rotary embedding, cache update and SDPA; also for a model already switched
+    to ``cmoe_sdpa`` (``use_causal_sdpa``, as ``cmoe.bench`` builds them). The attentions get their
+    own forward back afterwards, and the model its attention implementation."""
     model = tiny_model("llama", attn_implementation="sdpa").to(DEVICE)
+    if causal_sdpa:
+        attention.use_causal_sdpa(model)
+    impl = model.config._attn_implementation
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     calls = []
     real = da.decode_attention_rope
@@ -231,7 +236,7 @@ def test_llama_generation_with_the_rotary_embedding_in_the_kernel_matches_sdpa(m
     assert len(calls) == 7 * model.config.num_hidden_layers  # every decode step of every layer
     assert torch.equal(out, ref)
     attn = model.model.layers[0].self_attn
-    assert "forward" not in attn.__dict__ and model.config._attn_implementation == "sdpa"
+    assert "forward" not in attn.__dict__ and model.config._attn_implementation == impl
 
 
 def test_a_deep_copy_of_a_model_runs_its_own_attention_weights():

@@ -102,14 +102,15 @@ def register() -> str:
 @contextmanager
 def decode_attention_on(model):
     """Inside, a model on transformers' ``sdpa`` runs ``NAME``, whose decode steps on a GPU take
-    ``cmoe.decode_attention`` (its prefill, and any step on the CPU, run as on ``sdpa``), and its
-    LLaMA attentions take ``rope_forward``; put back on exit. Models on any other attention are
-    left as they are."""
+    ``cmoe.decode_attention`` (its prefill, and any step on the CPU, run as on ``sdpa``), and the
+    LLaMA attentions of a model on ``sdpa`` or ``NAME`` take ``rope_forward``; put back on exit.
+    Models on any other attention are left as they are."""
     prev = model.config._attn_implementation
-    if prev != "sdpa":
+    if prev not in ("sdpa", NAME):
         yield
         return
-    model.set_attn_implementation(register())
+    if prev == "sdpa":
+        model.set_attn_implementation(register())
     folded = [m for m in model.modules() if _is_llama_attention(m)]
     for m in folded:
         m.forward = m.__dict__.setdefault(_ROPE_STASH, types.MethodType(rope_forward, m))
@@ -118,7 +119,8 @@ def decode_attention_on(model):
     finally:
         for m in folded:
             m.__dict__.pop("forward", None)
-        model.set_attn_implementation(prev)
+        if prev == "sdpa":
+            model.set_attn_implementation(prev)
 
 
 def _is_llama_attention(module) -> bool:
