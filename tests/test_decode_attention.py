@@ -127,6 +127,7 @@ def test_generation_through_the_kernel_matches_sdpa(family, monkeypatch):
 
     monkeypatch.setattr(da, "decode_attention", counted)
     monkeypatch.setattr(attention, "_on_gpu", lambda t: True)  # the CPU interpreter stands in for the GPU
+    monkeypatch.setattr(attention, "DECODE_ROPE", False)  # LLaMA's rotary embedding outside the kernel
     monkeypatch.setattr(attention, "DECODE_KERNEL", False)
     ref = generate(model, ids, 8, compile=False)
     assert not calls
@@ -150,3 +151,110 @@ def test_only_models_on_sdpa_switch_and_they_switch_back():
     with pytest.raises(RuntimeError), attention.decode_attention_on(sdpa):
         raise RuntimeError
     assert sdpa.config._attn_implementation == "sdpa"
+
+
+# ----------------------------------------------------------------------------- rotary and cache write folded in
+def rotate(x, cos, sin):
+    """transformers' LLaMA rotary embedding: x [B, h, 1, D], cos/sin [B or 1, 1, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+def rope_problem(B, H, HKV, L, D, pos, dtype, seed=0, rows_cos=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)  # strided as after the projections' views
+    k = torch.randn(B, 1, HKV, D, generator=g).transpose(1, 2)
+    v = torch.randn(B, 1, HKV, D, generator=g).transpose(1, 2)
+    angle = torch.rand(rows_cos or B, 1, D // 2, generator=g) * 6.0
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    kc, vc = torch.randn(B, HKV, L, D, generator=g), torch.randn(B, HKV, L, D, generator=g)
+    m = torch.arange(L).view(1, 1, 1, L).expand(B, 1, 1, L) <= pos  # causal: up to the new position
+    m = m.clone()
+    m[0, ..., 0] = False  # a hole (padding) in the first row
+    cast = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    return [cast(t) for t in (q, k, v, cos, sin, kc, vc)] + [torch.tensor(pos, device=DEVICE), m.to(DEVICE)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,H,HKV,L,D,pos,rows_cos", [
+    (1, 4, 4, 200, 16, 130, None),  # several slices; the new position inside a later one
+    (3, 6, 2, 131, 32, 0, None),  # grouped heads; the first position (only the new key is visible)
+    (2, 8, 1, 70, 32, 69, 1),  # the last position of the cache; one cos/sin row for every batch row
+    (2, 4, 2, 9, 64, 5, None),
+])
+def test_rope_step_rotates_writes_the_cache_and_attends(B, H, HKV, L, D, pos, rows_cos, dtype):
+    """``decode_attention_rope`` against transformers' order of work: q and k rotated, k and v
+    written at ``pos`` of the caches, then attention over them; the caches come out as
+    ``index_copy_`` leaves them, every other position untouched."""
+    q, k, v, cos, sin, kc, vc, p, m = rope_problem(B, H, HKV, L, D, pos, dtype, rows_cos=rows_cos)
+    qr = rotate(q.double(), cos.double(), sin.double())
+    kr = rotate(k.double(), cos.double(), sin.double())
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref[:, :, pos] = kr[:, :, 0].to(dtype)
+    vc_ref[:, :, pos] = v[:, :, 0]
+    ref = reference(qr, kc_ref, vc_ref, m, 0.3)
+    out = da.decode_attention_rope(q, k, v, cos, sin, kc, vc, p, m, 0.3)
+    assert rel_err(out, ref) < TOL[dtype]
+    torch.testing.assert_close(kc, kc_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(vc, vc_ref)
+    others = torch.arange(L, device=DEVICE) != pos
+    assert torch.equal(kc[:, :, others], kc_ref[:, :, others])
+
+
+def test_rope_fake_matches_the_op():
+    q, k, v, cos, sin, kc, vc, p, m = rope_problem(2, 4, 2, 10, 16, 3, torch.float32)
+    torch.library.opcheck(da.decode_attention_rope, (q, k, v, cos, sin, kc, vc, p, m, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("causal_sdpa", [False, True], ids=["sdpa", "causal-sdpa"])
+def test_llama_generation_with_the_rotary_embedding_in_the_kernel_matches_sdpa(monkeypatch, causal_sdpa):
+    """Greedy decoding of a tiny LLaMA (grouped heads) gives the same tokens when every decode step
+    of every layer runs ``decode_attention_rope`` (its own rotary embedding and cache write) as
+    with transformers' rotary embedding, cache update and SDPA; also for a model already switched
+    to ``cmoe_sdpa`` (``use_causal_sdpa``, as ``cmoe.bench`` builds them). The attentions get their
+    own forward back afterwards, and the model its attention implementation."""
+    model = tiny_model("llama", attn_implementation="sdpa").to(DEVICE)
+    if causal_sdpa:
+        attention.use_causal_sdpa(model)
+    impl = model.config._attn_implementation
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    calls = []
+    real = da.decode_attention_rope
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(da, "decode_attention_rope", counted)
+    monkeypatch.setattr(attention, "_on_gpu", lambda t: True)  # the CPU interpreter stands in for the GPU
+    monkeypatch.setattr(attention, "DECODE_KERNEL", False)
+    ref = generate(model, ids, 8, compile=False)
+    assert not calls
+    monkeypatch.setattr(attention, "DECODE_KERNEL", True)
+    out = generate(model, ids, 8, compile=False)
+    assert len(calls) == 7 * model.config.num_hidden_layers  # every decode step of every layer
+    assert torch.equal(out, ref)
+    attn = model.model.layers[0].self_attn
+    assert "forward" not in attn.__dict__ and model.config._attn_implementation == impl
+
+
+def test_a_deep_copy_of_a_model_runs_its_own_attention_weights():
+    """The folded forward is kept on each attention between entries; a deep copy of the model made
+    after an entry computes with the copy's weights inside ``decode_attention_on``, not with the
+    original's."""
+    import copy
+
+    model = tiny_model("llama", attn_implementation="sdpa")
+    with attention.decode_attention_on(model):
+        pass
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.q_proj.weight.mul_(3)
+        ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+        want = twin(input_ids=ids).logits
+        with attention.decode_attention_on(twin):
+            got = twin(input_ids=ids).logits
+        original = model(input_ids=ids).logits
+    assert not torch.allclose(want, original)
+    torch.testing.assert_close(got, want)

@@ -113,11 +113,12 @@ def cases():
 
     for dt, flags in (("*bf16", dict(UPCAST=False, IEEE=False)), ("*fp32", dict(UPCAST=False, IEEE=True))):
         aptrs = {"x": dt, "mask_ptr": "*u8", "part_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32",
-                 "qk_scale": "fp32"}
-        for slices, mask, dp in ((1, True, 128), (8, True, 128), (8, False, 128), (8, True, 256), (1, True, 64)):
-            # the decode attention: one slice, merged slices; head sizes 64-256
-            yield (f"decode_attention {dt} slices={slices} mask={mask} head={dp}", da._decode_attention_kernel, aptrs,
-                   dict(GP=16, DP=dp, BN=da.block_keys(dp), SLICES=slices, SP=max(2, slices), HAS_MASK=mask, **flags))
+                 "pos_ptr": "*i64", "qk_scale": "fp32"}
+        for slices, mask, dp, rope in ((1, True, 128, False), (8, True, 128, False), (8, False, 128, False),
+                                       (8, True, 256, False), (1, True, 64, False), (8, True, 128, True), (1, True, 64, True)):
+            # the decode attention: one slice, merged slices; head sizes 64-256; with the rotary embedding and cache write
+            yield (f"decode_attention {dt} slices={slices} mask={mask} head={dp} rope={rope}", da._decode_attention_kernel, aptrs,
+                   dict(GP=16, DP=dp, BN=da.block_keys(dp), SLICES=slices, SP=max(2, slices), HAS_MASK=mask, ROPE=rope, **flags))
         bn, bk, _ = gemv.GEMV_TILE
         for bias in (False, True):  # one row through a linear layer
             yield (f"gemv {dt} bias={bias}", gemv._gemv_kernel, {"x": dt}, dict(HAS_BIAS=bias, BN=bn, BK=bk))
@@ -136,11 +137,13 @@ def front_end(src: ASTSource) -> None:
 
 
 # The runtime specialises pointers and the sizes d, m, ms that are multiples of 16 (the real
-# models' are; for the decode attention, the head size and the strides of q, k and v); the weight loads of the expert kernels must then compile to 128-bit vector
+# models' are; for the decode attention, the head size and the strides of q, k, v, the new k and v
+# and cos/sin); the weight loads of the expert kernels must then compile to 128-bit vector
 # loads or asynchronous copies. A scalar 16-bit load ("ld.global....b16") in the PTX means the
 # compiler lost the rows' alignment: Triton 3.6 did so through an ``if`` that picked the
 # weight pointers, and those kernels ran 2-3x slower on the H200.
-ALIGNED_INTS = ("d", "m", "ms", "D", "K", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l")
+ALIGNED_INTS = ("d", "m", "ms", "D", "K", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l",
+                "skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")
 
 
 def aligned_attrs(kernel, consts: dict) -> dict:

@@ -40,12 +40,20 @@ _TICKET_SLOTS = 4096  # (row, head) pairs that can be cut into slices; beyond, o
 
 
 @triton.jit
+def _swap_halves(x, R: tl.constexpr, C: tl.constexpr):
+    """[R, C] -> the same rows with their two halves of C swapped (C a power of 2)."""
+    return tl.reshape(tl.flip(tl.reshape(x, (R, 2, C // 2)), 1), (R, C))
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr, ticket_ptr,
+    kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,  # ROPE: the new token's k and v, its cos and sin, its position
     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
+    skn_b, skn_h, svn_b, svn_h, sc_b, ss_b,
     L, HKV, G, D, per_slice, qk_scale,
     GP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, SLICES: tl.constexpr, SP: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, ROPE: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -58,6 +66,17 @@ def _decode_attention_kernel(
     d_ok = offs_d < D
     q = tl.load(q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[D/2:], x[:D/2]], in float32 (D = DP)
+        # the new token's vectors are read into every row of a [GP, DP] tile, q's layout (vector loads)
+        cols = offs_d[None, :] + 0 * offs_g[:, None]
+        cos = tl.load(cos_ptr + b * sc_b + cols).to(tl.float32)
+        sin = tl.load(sin_ptr + b * ss_b + cols).to(tl.float32) * tl.where(cols < DP // 2, -1.0, 1.0)
+        q = q.to(tl.float32)
+        q = (q * cos + _swap_halves(q, GP, DP) * sin).to(q_ptr.dtype.element_ty)
+        kn = tl.load(kn_ptr + b * skn_b + h * skn_h + cols).to(tl.float32)
+        kn = (kn * cos + _swap_halves(kn, GP, DP) * sin).to(k_ptr.dtype.element_ty)
+        vn = tl.load(vn_ptr + b * svn_b + h * svn_h + cols)
+        pos = tl.load(pos_ptr)
     if UPCAST or IEEE:
         q = q.to(tl.float32)
     m_i = tl.full((GP,), float("-inf"), tl.float32)
@@ -79,6 +98,8 @@ def _decode_attention_kernel(
         else:
             s = tl.dot(q, tl.trans(kb))
         ok = n_ok
+        if ROPE:
+            ok = ok & (offs_n != pos)  # the new token's key: after the loop, from registers
         if HAS_MASK:
             ok = ok & (tl.load(mask_ptr + b * sm_b + offs_n * sm_l, mask=n_ok, other=0) != 0)
         s = tl.where(ok[None, :], s * qk_scale, float("-inf"))  # [GP, BN], log2 units
@@ -96,6 +117,21 @@ def _decode_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p, vb)
         m_i = m_new
+    if ROPE:
+        if (pos >= start) & (pos < stop):  # the one program whose slice holds the new position: its key, and the write
+            s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale  # [GP]
+            if HAS_MASK:
+                s_new = tl.where(tl.load(mask_ptr + b * sm_b + pos * sm_l) != 0, s_new, float("-inf"))
+            m_new = tl.maximum(m_i, s_new)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p_new = tl.exp2(s_new - m_use)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)
+            m_i = m_new
+            first_row = (offs_g == 0)[:, None] & (cols >= 0)
+            tl.store(k_base + pos * sk_l + cols, kn, mask=first_row)
+            tl.store(v_base + pos * sv_l + cols, vn, mask=first_row)
     out_rows = out_ptr + (b * HKV + h).to(tl.int64) * G * D + offs_g[:, None] * D + offs_d[None, :]
     out_ok = g_ok[:, None] & d_ok[None, :]
     if SLICES == 1:
@@ -149,12 +185,10 @@ def _slices(rows_heads: int, length: int, device: torch.device, bn: int | None =
     return triton.cdiv(blocks, per), per * bn
 
 
-@torch.library.custom_op("cmoe::decode_attention", mutates_args=())
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float) -> torch.Tensor:
-    """query [B, H, 1, D], key/value [B, Hkv, L, D] (H a multiple of Hkv), mask None or bool
-    [B or 1, 1, 1, L] (True: attend) -> [B, 1, H, D], the layout transformers' attention functions
-    return."""
+def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+            rope: tuple | None = None) -> torch.Tensor:
+    """The attention of ``decode_attention``; ``rope``: None, or (key_new [B, Hkv, 1, D], value_new,
+    cos [B, 1, D], sin, pos [] int64) for ``decode_attention_rope``."""
     B, H, _, D = query.shape
     HKV, L = key.shape[1], key.shape[2]
     G = H // HKV
@@ -172,20 +206,57 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     else:
         m = mask.view(torch.uint8)
         sm_b, sm_l = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(-1)
+    if rope is None:
+        kn = vn = cos = sin = pos = query  # not read
+        strides = (0,) * 6
+    else:
+        kn, vn, cos, sin, pos = (t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous() for t in rope)
+        strides = (kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+                   cos.stride(0) if cos.shape[0] > 1 else 0, sin.stride(0) if sin.shape[0] > 1 else 0)
     ieee = query.dtype == torch.float32
     _decode_attention_kernel[(B * HKV, slices)](
-        query, key, value, m, out, part, stat, tickets,
+        query, key, value, m, out, part, stat, tickets, kn, vn, cos, sin, pos,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), sm_b, sm_l,
+        value.stride(0), value.stride(1), value.stride(2), sm_b, sm_l, *strides,
         L, HKV, G, D, per_slice, scaling * math.log2(math.e),
         GP=gp, DP=dp, BN=bn, SLICES=slices, SP=max(2, triton.next_power_of_2(slices)), HAS_MASK=mask is not None,
-        UPCAST=_INTERPRET and not ieee, IEEE=ieee, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        ROPE=rope is not None, UPCAST=_INTERPRET and not ieee, IEEE=ieee, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
 
 
+@torch.library.custom_op("cmoe::decode_attention", mutates_args=())
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """query [B, H, 1, D], key/value [B, Hkv, L, D] (H a multiple of Hkv), mask None or bool
+    [B or 1, 1, 1, L] (True: attend) -> [B, 1, H, D], the layout transformers' attention functions
+    return."""
+    return _launch(query, key, value, mask, scaling)
+
+
 @decode_attention.register_fake
 def _(query, key, value, mask, scaling):
+    B, H, _, D = query.shape
+    return query.new_empty(B, 1, H, D)
+
+
+@torch.library.custom_op("cmoe::decode_attention_rope", mutates_args=("key_cache", "value_cache"))
+def decode_attention_rope(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, pos: torch.Tensor,
+                          mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """One decode step of a rotary attention with a static cache, in one launch: query [B, H, 1, D],
+    key/value [B, Hkv, 1, D] of the new token before the rotary embedding, cos/sin [B, 1, D] its
+    rotary embedding (transformers' LLaMA convention, ``rotate_half``), key_cache/value_cache
+    [B, Hkv, L, D], pos [] int64 its position (< L); D a power of 2 from 16. The same as rotating q and k, writing k and v
+    at ``pos`` of the caches and ``decode_attention`` over them: it writes them there too."""
+    D = query.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"decode_attention_rope takes head sizes that are powers of 2 from 16, got {D}")
+    return _launch(query, key_cache, value_cache, mask, scaling, (key, value, cos, sin, pos))
+
+
+@decode_attention_rope.register_fake
+def _(query, key, value, cos, sin, key_cache, value_cache, pos, mask, scaling):
     B, H, _, D = query.shape
     return query.new_empty(B, 1, H, D)
 
