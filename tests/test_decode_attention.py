@@ -111,32 +111,41 @@ def test_fake_matches_the_op():
     torch.library.opcheck(da.decode_attention, (q, k, v, m, 0.25), test_utils=("test_schema", "test_faketensor"))
 
 
+def same_tokens_through(model, op: str, monkeypatch):
+    """Greedy decoding of ``model`` without the decode kernels (transformers' attention) and with
+    them (the CPU interpreter standing in for the GPU): the same tokens, and every decode step of
+    every layer through ``da.<op>``, none without. Returns (the prompt, the list of calls, emptied),
+    ``op`` still counted."""
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    calls = []
+    real = getattr(da, op)
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(da, op, counted)
+    monkeypatch.setattr(attention, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(attention, "DECODE_KERNEL", False)
+    ref = generate(model, ids, 8, compile=False)
+    assert not calls
+    monkeypatch.setattr(attention, "DECODE_KERNEL", True)
+    out = generate(model, ids, 8, compile=False)
+    assert len(calls) == 7 * model.config.num_hidden_layers
+    assert torch.equal(out, ref)
+    calls.clear()
+    return ids, calls
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_generation_through_the_kernel_matches_sdpa(family, monkeypatch):
     """Greedy decoding of tiny models with grouped heads (gemma3: sliding-window layers with their
     own cache size) gives the same tokens with the decode steps' attention in the kernel. A model
     on transformers' sdpa runs it while generating, and is back on sdpa after."""
     model = tiny_model(family, attn_implementation="sdpa").to(DEVICE)
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    calls = []
-    real = da.decode_attention
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(da, "decode_attention", counted)
-    monkeypatch.setattr(attention, "_on_gpu", lambda t: True)  # the CPU interpreter stands in for the GPU
     monkeypatch.setattr(attention, "DECODE_ROPE", False)  # LLaMA's rotary embedding outside the kernel
-    monkeypatch.setattr(attention, "DECODE_KERNEL", False)
-    ref = generate(model, ids, 8, compile=False)
-    assert not calls
-    monkeypatch.setattr(attention, "DECODE_KERNEL", True)
-    out = generate(model, ids, 8, compile=False)
-    assert len(calls) == 7 * model.config.num_hidden_layers  # every decode step of every layer
-    assert torch.equal(out, ref)
+    ids, calls = same_tokens_through(model, "decode_attention", monkeypatch)
     assert model.config._attn_implementation == "sdpa"
-    calls.clear()
     with torch.no_grad():
         model(input_ids=ids)  # outside generation: transformers' sdpa
     assert not calls
@@ -218,23 +227,7 @@ def test_llama_generation_with_the_rotary_embedding_in_the_kernel_matches_sdpa(m
     if causal_sdpa:
         attention.use_causal_sdpa(model)
     impl = model.config._attn_implementation
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    calls = []
-    real = da.decode_attention_rope
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(da, "decode_attention_rope", counted)
-    monkeypatch.setattr(attention, "_on_gpu", lambda t: True)  # the CPU interpreter stands in for the GPU
-    monkeypatch.setattr(attention, "DECODE_KERNEL", False)
-    ref = generate(model, ids, 8, compile=False)
-    assert not calls
-    monkeypatch.setattr(attention, "DECODE_KERNEL", True)
-    out = generate(model, ids, 8, compile=False)
-    assert len(calls) == 7 * model.config.num_hidden_layers  # every decode step of every layer
-    assert torch.equal(out, ref)
+    same_tokens_through(model, "decode_attention_rope", monkeypatch)
     attn = model.model.layers[0].self_attn
     assert "forward" not in attn.__dict__ and model.config._attn_implementation == impl
 
