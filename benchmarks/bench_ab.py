@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     import transformers
     import triton
 
-    from cmoe.generation import time_generation
+    from cmoe.generation import drop_static_caches, time_generation
     from cmoe.moe import set_expert_impl
 
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {torch.cuda.get_device_name()}; "
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     print(f"# command: python benchmarks/bench_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}", flush=True)
 
     def step_ms(model) -> float:
-        model.__dict__.pop("_cmoe_static_caches", None)  # its captured steps go with it
+        drop_static_caches(model)  # captured again under this arm's settings
         torch.cuda.empty_cache()
         t = time_generation(model, args.batch, args.prompt, new_tokens=args.steps, repeats=args.repeats)
         return t.decode_s * 1e3

@@ -7,6 +7,7 @@ import torch
 from conftest import calib
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cmoe import generation
 from cmoe.generation import ARGMAX_CHUNK, argmax_last, generate, sample_logits, time_generation
 
 
@@ -118,7 +119,7 @@ def test_captured_decode_step_matches_eager_on_the_gpu(tiny):
         eager = generate(model, ids, 9, compile=False)
         assert torch.equal(eager, model.generate(ids, max_new_tokens=9, do_sample=False))  # HF's loop, q/k/v unfused
         assert torch.equal(generate(model, ids, 9, compile=True), eager)
-        (cache,) = model.__dict__["_cmoe_static_caches"].values()
+        (cache,) = model.__dict__[generation._CACHES].values()
         assert len(cache.__dict__["_cmoe_captured"]) == 1
         assert torch.equal(generate(model, ids, 9, compile=True), eager)  # replays the same graph
         assert len(cache.__dict__["_cmoe_captured"]) == 1

@@ -42,7 +42,7 @@ import torch
 import torch._dynamo
 
 from cmoe.fused_qkv import fused_qkv
-from cmoe.generation import with_generation_setup
+from cmoe.generation import drop_static_caches, with_generation_setup
 
 MODELS = {
     "llama2-7b": dict(
@@ -393,7 +393,7 @@ def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
             f"  decode b={b}: {tg.decode_s * 1e3:.3f} ms/step  {b / tg.decode_s:.0f} tok/s  "
             f"{cost.bytes / tg.decode_s / 1e9:.0f} GB/s  (wall {time.perf_counter() - t0:.0f} s)" + (f"  touched/layer avg {sum(touched) / len(touched):.1f}" if touched else "")
         )
-        model.__dict__.pop("_cmoe_static_caches", None)
+        drop_static_caches(model)
         torch.cuda.empty_cache()
     return rows
 
@@ -443,7 +443,7 @@ def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int =
     for _ in range(2):
         one_step()
     profile_kernels(one_step, n, log, f"decode b={batch} (per step)")
-    model.__dict__.pop("_cmoe_static_caches", None)
+    drop_static_caches(model)
 
 
 def _cell(r: Row) -> tuple:

@@ -241,12 +241,15 @@ def decode_stepper(model, cache, cache_kw: str, tok: torch.Tensor, start: int, s
     return call
 
 
+_CACHES = "_cmoe_static_caches"  # on each model: {(batch, max_len): its StaticCache}, one at a time
+
+
 def get_static_cache(model, batch_size: int, max_len: int):
     """A StaticCache for ``model``, reused (and reset) across calls of the same size so the
     compiled step keeps its graph."""
     if StaticCache is None:  # pragma: no cover
         raise RuntimeError("cmoe.generation needs transformers >= 5 (StaticCache)")
-    store = model.__dict__.setdefault("_cmoe_static_caches", {})
+    store = model.__dict__.setdefault(_CACHES, {})
     key = (batch_size, max_len)
     if key not in store:
         store.clear()  # one cache at a time: KV caches are large
@@ -254,6 +257,12 @@ def get_static_cache(model, batch_size: int, max_len: int):
     else:
         store[key].reset()
     return store[key]
+
+
+def drop_static_caches(model) -> None:
+    """Forget ``model``'s static cache, and with it the decode steps captured over it (their CUDA
+    graphs and memory pool): the next call builds and captures them again."""
+    model.__dict__.pop(_CACHES, None)
 
 
 # ----------------------------------------------------------------------------- public API
