@@ -250,7 +250,7 @@ def decode_attention_rope(query: torch.Tensor, key: torch.Tensor, value: torch.T
     [B, Hkv, L, D], pos [] int64 its position (< L); D a power of 2 from 16. The same as rotating q and k, writing k and v
     at ``pos`` of the caches and ``decode_attention`` over them: it writes them there too."""
     D = query.shape[-1]
-    if D < 16 or D & (D - 1):
+    if not rope_head_size_ok(D):
         raise ValueError(f"decode_attention_rope takes head sizes that are powers of 2 from 16, got {D}")
     return _launch(query, key_cache, value_cache, mask, scaling, (key, value, cos, sin, pos))
 
@@ -259,6 +259,17 @@ def decode_attention_rope(query: torch.Tensor, key: torch.Tensor, value: torch.T
 def _(query, key, value, cos, sin, key_cache, value_cache, pos, mask, scaling):
     B, H, _, D = query.shape
     return query.new_empty(B, 1, H, D)
+
+
+def rope_head_size_ok(head_size: int) -> bool:
+    """Whether ``decode_attention_rope`` takes this head size: a power of 2 from 16."""
+    return head_size >= 16 and head_size & (head_size - 1) == 0
+
+
+def mask_serves(mask: torch.Tensor | None, batch: int, length: int) -> bool:
+    """No mask, or a boolean one [batch or 1, 1, 1, length] shared by the heads."""
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1
+                            and mask.shape[0] in (1, batch) and mask.shape[3] == length)
 
 
 def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -272,6 +283,5 @@ def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         and key.shape[2] == value.shape[2]
         and query.shape[1] % key.shape[1] == 0
         and query.dtype == key.dtype == value.dtype
-        and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
-                              and mask.shape[0] in (1, query.shape[0]) and mask.shape[3] == key.shape[2]))
+        and mask_serves(mask, query.shape[0], key.shape[2])
     )
