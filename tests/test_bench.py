@@ -125,3 +125,28 @@ def test_coordinate_descent_flag_sets_inductor_for_every_model_of_the_run(monkey
             bench.main(["--models", "llama2-7b", *flag])
         assert seen.pop() is want
         assert inductor_config.coordinate_descent_tuning is before
+
+
+def test_pack_flag_packs_every_converted_model_of_the_run(monkeypatch):
+    """``--pack``: cmoe.packed_ffn.PACK is True while the run builds its models, and put back after."""
+    from cmoe import packed_ffn
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def build(name, layers=None):
+        seen.append(packed_ffn.PACK)
+        raise Built
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: CEIL)
+    monkeypatch.setattr(bench, "build_dense", build)
+    before = packed_ffn.PACK
+    for flag, want in (([], before), (["--pack"], True)):
+        with pytest.raises(Built):
+            bench.main(["--models", "llama2-7b", *flag])
+        assert seen.pop() is want
+        assert packed_ffn.PACK is before

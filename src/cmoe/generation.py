@@ -9,8 +9,9 @@ in docs/benchmarks/speed-h200.md). Caches that keep state on the host (sliding-w
 use ``mode="reduce-overhead"`` instead. Sampling happens inside the step, and the loop never waits
 on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given. Attentions
 compute q, k and v with one GEMM while generating (``cmoe.fused_qkv``; no weight is copied), and on
-a GPU the decode steps' attention runs in one Triton launch (``cmoe.attention.decode_attention_on``)
-and, at batch 1, the attention projections as one-launch GEMVs (``cmoe.gemv``). Greedy decoding
+a GPU the decode steps' attention runs in one Triton launch (``cmoe.attention.decode_attention_on``),
+at batch 1 the attention projections as one-launch GEMVs (``cmoe.gemv``); with
+``cmoe.packed_ffn.PACK`` each CMoE layer's weights lie in one gate/up and one down storage. Greedy decoding
 takes the argmax over the vocabulary in two passes (``argmax_last``).
 
     from cmoe.generation import generate, time_generation
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import decode_attention_on
+from . import packed_ffn
 from .fused_qkv import fused_qkv
 
 try:  # transformers >= 5: static layers track their length on the device
@@ -49,8 +51,9 @@ GEMV_PROJECTIONS = True  # on a GPU, the attention projections of one-row steps 
 def generation_setup(model):
     """What generating runs a model with, and what timing it measures: q, k and v as one GEMM
     (``cmoe.fused_qkv``) and, on a GPU, the decode steps' attention in one launch
-    (``cmoe.attention.decode_attention_on``) and, at batch 1, the attention projections as
-    one-launch GEMVs (``cmoe.gemv.gemv_projections``); the model as it was on exit."""
+    (``cmoe.attention.decode_attention_on``), at batch 1 the attention projections as one-launch
+    GEMVs (``cmoe.gemv.gemv_projections``), and each CMoE layer's weights packed
+    (``cmoe.packed_ffn.PACK``); the model as it was on exit, its weights still packed (no copy)."""
     with fused_qkv(model), decode_attention_on(model), _gpu_setup(model):
         yield
 
@@ -58,7 +61,8 @@ def generation_setup(model):
 @contextmanager
 def _gpu_setup(model):
     """For a model on a GPU: the Triton expert kernels registered before tracing (an import inside
-    a traced function would break the graph), and ``gemv_projections`` (GEMV_PROJECTIONS)."""
+    a traced function would break the graph), the CMoE layers packed (``cmoe.packed_ffn.PACK``;
+    unpacked if False), and ``gemv_projections`` (GEMV_PROJECTIONS)."""
     p = next(model.parameters(), None)
     if p is None or not p.is_cuda:
         yield
@@ -67,6 +71,7 @@ def _gpu_setup(model):
     from .gemv import gemv_projections  # Triton: only on a GPU
 
     _load_triton()
+    packed_ffn.pack_model_(model, packed_ffn.PACK)
     if not GEMV_PROJECTIONS:
         yield
         return

@@ -1,0 +1,4 @@
+export PYTHONPATH=$PWD/src:$PWD/benchmarks
+TE=cmoe.triton_experts
+timeout 300 python benchmarks/bench_ab.py --models llama3-8b --configs S3A3E8 S2A2E8 --batch 256 --rounds 3 --recompile --arm split --arm "first: $TE.DENSE_ROUTER_BESIDE = False" --arm "prio: $TE.SIDE_PRIORITY = -1" --arm "unpacked: cmoe.packed_ffn.PACK = False" > $OUT/ab-split-b256-llama3-8b.txt 2>&1; grep -A8 "median" $OUT/ab-split-b256-llama3-8b.txt || tail -5 $OUT/ab-split-b256-llama3-8b.txt
+timeout 200 python benchmarks/bench_ab.py --models llama2-7b --configs S3A3E8 --batch 256 --rounds 2 --recompile --arm split --arm "first: $TE.DENSE_ROUTER_BESIDE = False" --arm "unpacked: cmoe.packed_ffn.PACK = False" > $OUT/ab-split-b256-llama2-7b.txt 2>&1; grep -A7 "median" $OUT/ab-split-b256-llama2-7b.txt || tail -5 $OUT/ab-split-b256-llama2-7b.txt
