@@ -263,3 +263,23 @@ def test_save_refuses_bad_folders_and_dense_models(tmp_path):
     with pytest.raises(cmoe.CheckpointError, match="cannot write"):
         cmoe.save(model, afile / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_save_load_round_trip_of_a_packed_model(tmp_path):
+    """Weights packed for generation (``cmoe.packed_ffn``: views of one gate/up and one strided down
+    storage) save and reload exactly, and the reloaded model computes the same logits."""
+    from cmoe import packed_ffn
+    from cmoe.moe import moe_layers
+
+    model = tiny_model("llama")
+    convert(model, "S2A2E8")
+    ids = calib(2, 16, seed=6)
+    ref = logits(model, ids)
+    for layer in moe_layers(model):
+        packed_ffn.pack_(layer)
+        assert packed_ffn.is_packed(layer)
+    torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=0)
+    loaded = cmoe.load(cmoe.save(model, tmp_path / "ckpt"))
+    for name, t in loaded.state_dict().items():
+        torch.testing.assert_close(t, model.state_dict()[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(logits(loaded, ids), ref, rtol=0, atol=0)
