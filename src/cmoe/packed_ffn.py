@@ -18,6 +18,7 @@ As with ``cmoe.fused_qkv``, no weight is copied twice: one layer at a time, so t
 memory is one layer's FFN. With ``PACK = True``, generation packs the model on a GPU and leaves it
 packed, so compiled code and captured CUDA graphs stay valid (with ``PACK = False`` it unpacks a
 packed one). Only layers on a GPU with plain weights (no adapter, no parametrization) are packed.
+``cmoe.save`` writes a packed model's weights as the usual separate tensors.
 
 Off by default until measured on every cell: on the H200 (llama3-8b shapes, 4 layers, run ae in
 docs/benchmarks/speed-h200.md) packing took decode at batch 256 from 0.978x / 0.982x of dense to
