@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import decode_attention_on
 from . import packed_ffn
+from .attention import decode_attention_on
 from .fused_qkv import fused_qkv
 
 try:  # transformers >= 5: static layers track their length on the device
@@ -52,8 +52,8 @@ def generation_setup(model):
     """What generating runs a model with, and what timing it measures: q, k and v as one GEMM
     (``cmoe.fused_qkv``) and, on a GPU, the decode steps' attention in one launch
     (``cmoe.attention.decode_attention_on``), at batch 1 the attention projections as one-launch
-    GEMVs (``cmoe.gemv.gemv_projections``), and each CMoE layer's weights packed
-    (``cmoe.packed_ffn.PACK``); the model as it was on exit, its weights still packed (no copy)."""
+    GEMVs (``cmoe.gemv.gemv_projections``), and with ``cmoe.packed_ffn.PACK`` each CMoE layer's
+    weights packed; the model as it was on exit, its weights still packed if so (no copy)."""
     with fused_qkv(model), decode_attention_on(model), _gpu_setup(model):
         yield
 
