@@ -170,17 +170,17 @@ def _rope_serves(module, hidden, position_embeddings, mask, layer) -> bool:
     """Whether ``decode_attention_rope`` computes this step: the cache's dtype and head size (a power
     of 2 from 16), whole groups of query heads per key/value head, cos/sin for one position, a boolean mask over the
     cache (or none)."""
-    from .decode_attention import mask_serves, rope_head_size_ok
+    from .decode_attention import cache_serves, rope_head_size_ok
 
     cos, sin = position_embeddings
     keys, values = layer.keys, layer.values
     B, D, H = hidden.shape[0], module.head_dim, module.config.num_attention_heads
+    dtype = module.q_proj.weight.dtype
     return (
-        rope_head_size_ok(D) and keys.shape[-1] == values.shape[-1] == D and keys.shape[1] == values.shape[1]
-        and H % keys.shape[1] == 0 and keys.shape[0] == B
-        and module.q_proj.weight.dtype == module.k_proj.weight.dtype == module.v_proj.weight.dtype == keys.dtype == values.dtype
+        rope_head_size_ok(D) and keys.shape[0] == B
+        and module.k_proj.weight.dtype == module.v_proj.weight.dtype == dtype
+        and cache_serves(B, H, D, dtype, keys, values, mask)
         and cos.shape == sin.shape and cos.dim() == 3 and cos.shape[0] in (1, B) and cos.shape[1] == 1 and cos.shape[2] == D
-        and mask_serves(mask, B, keys.shape[2])
     )
 
 

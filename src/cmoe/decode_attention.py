@@ -276,12 +276,19 @@ def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     """Whether ``decode_attention`` computes this attention: one query position, the same head size
     for q, k and v, whole groups of query heads per key/value head, and no mask or a boolean one
     shared by the heads."""
+    B, H, _, D = query.shape
+    return query.shape[2] == 1 and cache_serves(B, H, D, query.dtype, key, value, mask)
+
+
+def cache_serves(batch: int, heads: int, head_size: int, dtype: torch.dtype, key: torch.Tensor, value: torch.Tensor,
+                 mask: torch.Tensor | None) -> bool:
+    """``serves`` for queries of ``batch`` rows, ``heads`` heads of ``head_size`` in ``dtype``, given by
+    their sizes (before they are computed)."""
     return (
-        query.shape[2] == 1
-        and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        head_size == key.shape[-1] == value.shape[-1]
         and key.shape[1] == value.shape[1]
         and key.shape[2] == value.shape[2]
-        and query.shape[1] % key.shape[1] == 0
-        and query.dtype == key.dtype == value.dtype
-        and mask_serves(mask, query.shape[0], key.shape[2])
+        and heads % key.shape[1] == 0
+        and dtype == key.dtype == value.dtype
+        and mask_serves(mask, batch, key.shape[2])
     )
