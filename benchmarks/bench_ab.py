@@ -165,7 +165,6 @@ def main(argv=None) -> int:
     import triton
 
     from cmoe.generation import drop_static_caches, time_generation
-    from cmoe.moe import set_expert_impl
 
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {torch.cuda.get_device_name()}; "
           f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
@@ -184,7 +183,6 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             models[config] = bench.build_dense(shape, layers=args.layers)
             bench.convert_model_(models[config], config)
-            set_expert_impl(models[config], "auto")
             print(f"# {shape} {config}: converted in {time.perf_counter() - t0:.0f} s", flush=True)
         results = {a.name: [] for a in arms}
         for rnd in range(args.rounds):

@@ -125,14 +125,18 @@ def convert_model_(model, preset: str, calib_tokens=(2, 512), seed: int = 0) -> 
     """Convert in place with ``cmoe.convert_`` on random calibration ids, every layer at the
     preset's S/A/E (uniform allocation, so that each cell measures that configuration); then each
     layer's weights packed or not as generation leaves them (``cmoe.packed_ffn.PACK``), so that the
-    oracle check and the prefill cells see the layout that decoding runs on."""
-    from cmoe import CMoEConfig, convert_, packed_ffn
+    oracle check and the prefill cells see the layout that decoding runs on, and the expert
+    implementation "auto" with the Triton kernels registered."""
+    from cmoe import CMoEConfig, convert_, packed_ffn, set_expert_impl
+    from cmoe.experts import _load_triton
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     calib = torch.randint(0, model.config.vocab_size, calib_tokens, generator=g)
     cfg = CMoEConfig.parse(preset, calib_samples=calib_tokens[0], calib_seqlen=calib_tokens[1], allocation="uniform")
     convert_(model, cfg, calib.to(next(model.parameters()).device), device="cuda", progress=False)
     packed_ffn.pack_model_(model, packed_ffn.PACK)
+    _load_triton()
+    set_expert_impl(model, "auto")
     return f"cmoe.convert_ ({calib_tokens[0]}x{calib_tokens[1]} random calibration tokens, uniform allocation)"
 
 
@@ -631,11 +635,6 @@ def main(argv=None) -> int:
                     how = "every FFN replaced by zeros"
                 elif config != "dense":
                     how = convert_model_(model, config, calib)
-                    from cmoe.experts import _load_triton
-                    from cmoe.moe import set_expert_impl
-
-                    _load_triton()
-                    set_expert_impl(model, "auto")
                     err = check_fast_path(model)
                     log(f"  check vs loop oracle: max rel err {err:.2e}")
                     if not err < 3e-2:
