@@ -132,14 +132,3 @@ def test_coordinate_descent_flag_sets_inductor_for_every_model_of_the_run(monkey
     for flag, want in (([], before), (["--coordinate-descent"], True)):
         assert _setting_while_building(monkeypatch, flag, read) is want
         assert read() is before
-
-
-def test_pack_flag_packs_every_converted_model_of_the_run(monkeypatch):
-    """``--pack``: cmoe.packed_ffn.PACK is True while the run builds its models, and put back after."""
-    from cmoe import packed_ffn
-
-    read = lambda: packed_ffn.PACK  # noqa: E731
-    before = read()
-    for flag, want in (([], before), (["--pack"], True)):
-        assert _setting_while_building(monkeypatch, flag, read) is want
-        assert read() is before

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import kernel_module
 
-from cmoe import activations, experts, packed_ffn
+from cmoe import activations, experts
 from cmoe.moe import ROUTERS, CMoEMLP, MoELayerSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,30 +91,16 @@ def _run(path, x, idx, w, gu, dn, act):
 CASES = [(1, 1, 4), (1, 3, 5), (3, 2, 6), (17, 3, 6), (129, 2, 8)]
 
 
-def packed(gu, dn, sgu=None, sd=None):
-    """The weights as views of one gate/up and one down storage (``cmoe.packed_ffn.pack``): the down
-    projections' rows are then ms + E m apart, and the kernels must read them where they lie."""
-    d = dn.shape[1]
-    sgu = gu.new_zeros(0, d) if sgu is None else sgu
-    sd = dn.new_zeros(d, 0) if sd is None else sd
-    sgu, gu, sd, dn = packed_ffn.pack(sgu, gu, sd, dn)
-    assert not dn.is_contiguous() and dn.stride(1) == sd.shape[1] + dn.shape[0] * dn.shape[2]
-    return gu, dn, sgu, sd
-
-
-@pytest.mark.parametrize("layout", ["plain", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", ["op", "gemv", "few", "grouped", "grouped-sorted"])
 @pytest.mark.parametrize("T,a,E", CASES)
-def test_triton_matches_loop(path, T, a, E, dtype, layout):
+def test_triton_matches_loop(path, T, a, E, dtype):
     if path == "gemv" and T > 17:
         pytest.skip("the GEMV path serves few tokens (and is slow in the interpreter)")
     if path == "few" and T > te.FEW_MAX_TOKENS:
         pytest.skip("the few-token path serves up to FEW_MAX_TOKENS tokens")
     act = ACTS[(T + a) % len(ACTS)]
     x, idx, w, gu, dn = problem(T, a, E, d=36, m=20, dtype=dtype, seed=T * 10 + a)
-    if layout == "packed":
-        gu, dn = packed(gu, dn)[:2]
     out = _run(path, x, idx, w, gu, dn, act)
     assert out.dtype == x.dtype
     assert rel_err(out, oracle(x, idx, w, gu, dn, act)) < TOL[dtype]
@@ -186,11 +172,10 @@ def shared_oracle(x, sgu, sd, act):
 
 
 # ms = 40: two whole pieces of m = 20; 33 and 7: a partial last piece
-@pytest.mark.parametrize("layout", ["plain", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", ["gemv", "few", "grouped", "op"])
 @pytest.mark.parametrize("T,a,E,ms", [(1, 1, 4, 40), (1, 3, 5, 33), (3, 2, 6, 7), (17, 3, 6, 45), (70, 2, 7, 20)])
-def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype, layout):
+def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype):
     if path == "gemv" and T > 3:
         pytest.skip("the GEMV path serves few tokens (and is slow in the interpreter)")
     if path == "few" and T > te.FEW_MAX_TOKENS:
@@ -198,8 +183,6 @@ def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype, layout)
     act = ACTS[(T + ms) % len(ACTS)]
     x, idx, w, gu, dn = problem(T, a, E, d=36, m=20, dtype=dtype, seed=ms)
     sgu, sd = _shared(ms, dtype=dtype, seed=ms)
-    if layout == "packed":
-        gu, dn, sgu, sd = packed(gu, dn, sgu, sd)
     if path == "op":
         out = experts.run_experts("triton", x, idx, w, gu, dn, act, shared=(sgu, sd))
     else:
@@ -510,34 +493,22 @@ def _gemv_layer(mod, x):
     return te.triton_gemv_op(x, *te.layer_args(mod))
 
 
-def _packed(layer_op):
-    def run(mod, x):
-        packed_ffn.pack_(mod)
-        assert packed_ffn.is_packed(mod)
-        return layer_op(mod, x)
-
-    return run
-
-
-LAYER_OPS = {"dense": _dense_layer, "gemv": _gemv_layer, "dense-packed": _packed(_dense_layer)}
+LAYER_OPS = {"dense": _dense_layer, "gemv": _gemv_layer}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("op,T,a,shared,router", [
     ("dense", 1, 2, 20, "analytical"), ("dense", 3, 1, 30, "linear"), ("dense", 17, 3, 0, "analytical"),
     ("dense", 70, 2, 45, "linear"),
-    ("dense-packed", 1, 2, 20, "analytical"), ("dense-packed", 3, 1, 30, "linear"), ("dense-packed", 17, 3, 0, "analytical"),
-    ("dense-packed", 70, 2, 45, "linear"),
     ("gemv", 1, 2, 20, "analytical"), ("gemv", 1, 1, 45, "linear"), ("gemv", 2, 2, 30, "analytical"),
     ("gemv", 1, 3, 0, "linear"),
 ])
-def test_whole_layer_op_matches_reference(op, T, a, shared, router, dtype, monkeypatch):
+def test_whole_layer_op_matches_reference(op, T, a, shared, router, dtype):
     """The dense path's op (router, shared expert and every routed expert, the routing as a mask)
     and the GEMV path's (the router beside the shared pieces' gate/up, then the chosen experts)
     against the loop oracle: one token, odd counts, a partial last shared piece (45, 30) or none,
     both routers, routing weights 1 + p v other than 1, two experts that no token chooses (router
-    bias), every activation; "dense-packed": the packed layer's GEMMs (``cmoe.packed_ffn``), at any size."""
-    monkeypatch.setattr(te, "PACKED_MIN_TOKENS", 1)
+    bias), every activation."""
     for act in ACTS:
         mod = _moe(dtype, act=act, a=a, shared=shared, router=router)
         mod.router.bias[-2:] = -10.0  # p + b is below every other expert's: never chosen
@@ -653,11 +624,9 @@ def test_gemv_layer_path_is_taken_where_the_rule_says(monkeypatch):
 @pytest.mark.parametrize("T,a,E", [(1, 1, 4), (1, 3, 5), (37, 3, 6), (70, 2, 9)])
 def test_grouped_mm_path_matches_loop(T, a, E):
     """torch._grouped_mm for the routed experts, our kernels for the glue: one token (most experts
-    unused), odd counts, experts that receive no token, every activation, the weights packed or not."""
+    unused), odd counts, experts that receive no token, every activation."""
     for act in ACTS:
         x, idx, w, gu, dn = problem(T, a, E, d=48, m=24, dtype=torch.bfloat16, seed=T + a, empty=2 if E > 4 else 1)
-        if act == "gelu":
-            gu, dn = packed(gu, dn, *_shared(16, d=48, dtype=torch.bfloat16))[:2]
         out = te._grouped_mm_experts(x, idx, w.float(), gu, dn, act)
         assert out.dtype == torch.bfloat16
         assert rel_err(out, oracle(x, idx, w, gu, dn, act)) < TOL[torch.bfloat16]
@@ -669,13 +638,10 @@ def _prefill_sizes(monkeypatch, tokens: int) -> None:
     monkeypatch.setattr(te, "GROUPED_MM_MIN_ROWS", 1)
 
 
-@pytest.mark.parametrize("layout", ["plain", "packed"])
-def test_grouped_mm_path_in_the_op_adds_the_shared_expert(monkeypatch, layout):
+def test_grouped_mm_path_in_the_op_adds_the_shared_expert(monkeypatch):
     _prefill_sizes(monkeypatch, 20)
     x, idx, w, gu, dn = problem(23, 2, 7, d=48, m=24, dtype=torch.bfloat16, seed=12, empty=2)
     sgu, sd = _shared(30, d=48, dtype=torch.bfloat16, seed=12)
-    if layout == "packed":  # 30 shared columns: the routed down rows start 60 bytes in, so CUTLASS reads a copy
-        gu, dn, sgu, sd = packed(gu, dn, sgu, sd)
     assert te._plan(23, 2, 30, 24, 7, te.grouped_mm_ok(x, 48, 24)) == ("grouped_mm", 0)
     y = te.triton_experts_op(x, idx, w, gu, dn, "gelu_tanh", sgu, sd)
     assert y.shape == (23, 1, 48)  # one output per token: the op sums the slots itself
@@ -724,58 +690,3 @@ def test_grouped_mm_path_only_where_the_gemm_serves(monkeypatch):
     y = te.triton_experts_op(x, idx, w, gu, dn, "silu")  # slots summed in the op beyond SHARED_FOLD_MAX_TOKENS
     assert y.shape == (23, 1, 36) and rel_err(y[:, 0], oracle(x, idx, w, gu, dn, "silu")) < TOL[torch.bfloat16]
 
-
-
-@pytest.mark.parametrize("shared", [20, 0])
-def test_packing_keeps_the_parameters_and_the_function(shared):
-    """``pack_``: the same Parameter objects, shapes and values, now views of one gate/up and one
-    down storage (``packed_views`` finds them); ``unpack_`` gives each a contiguous storage again."""
-    mod = _moe(shared=shared)
-    params = dict(mod.named_parameters())
-    before = {k: v.detach().clone() for k, v in params.items()}
-    x = torch.randn(7, 36, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    with torch.no_grad():
-        ref = mod.forward_reference(x)
-        assert not packed_ffn.is_packed(mod)
-        packed_ffn.pack_(mod)
-        assert packed_ffn.is_packed(mod)
-        assert dict(mod.named_parameters()) == params
-        for k, v in params.items():
-            assert torch.equal(v, before[k]), k
-        G, D = packed_ffn.packed_views(*te.layer_args(mod)[:4]) if shared else packed_ffn.packed_views(*te.layer_args(mod)[:2])
-        assert G.shape == (2 * mod.spec.intermediate_size, 36) and D.shape == (36, mod.spec.intermediate_size)
-        assert G.data_ptr() == (mod.shared_gate_up.weight if shared else mod.experts.gate_up_proj).data_ptr()
-        torch.testing.assert_close(mod.forward_reference(x), ref, atol=1e-6, rtol=1e-6)
-        packed_ffn.unpack_(mod)
-        assert not packed_ffn.is_packed(mod) and all(p.is_contiguous() for p in mod.parameters())
-        for k, v in params.items():
-            assert torch.equal(v, before[k]), k
-
-
-@torch.no_grad()  # weights that train are not packed
-def test_pack_model_packs_gpu_layers_and_unpacks_any():
-    """``pack_model_``: layers on a GPU with plain weights are packed (on the CPU they are left as
-    they are); ``on=False`` unpacks every packed layer, wherever it is."""
-    from torch import nn
-
-    model = nn.Sequential(_moe(), _moe(shared=0))
-    assert packed_ffn.pack_model_(model) == (2 if DEVICE == "cuda" else 0)
-    for layer in model:
-        packed_ffn.pack_(layer) if not packed_ffn.is_packed(layer) else None
-    assert all(packed_ffn.is_packed(layer) for layer in model)
-    assert packed_ffn.pack_model_(model, on=False) == 2
-    assert not any(packed_ffn.is_packed(layer) for layer in model)
-
-
-def test_dense_path_on_packed_weights_below_the_packed_size():
-    """Below PACKED_MIN_TOKENS a packed layer runs the dense path's other GEMMs (batched down
-    projections on the strided views): the oracle's result too."""
-    mod = _moe(a=2, shared=30)
-    packed_ffn.pack_(mod)
-    x = torch.randn(9, 36, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    assert 9 < te.PACKED_MIN_TOKENS
-    with torch.no_grad():
-        idx, w, _ = te.fused_route(mod.router, x)
-        ref = oracle(x, idx, w, mod.experts.gate_up_proj, mod.experts.down_proj, "silu")
-        ref = ref + shared_oracle(x, mod.shared_gate_up.weight, mod.shared_down.weight, "silu")
-        assert rel_err(_dense_layer(mod, x), ref) < TOL[torch.float32]

@@ -86,7 +86,6 @@ def cases():
         yield (f"glu_rows *bf16 act={act}", te._glu_rows, gptrs, dict(A=0, ACT=act, BM=1024))
     for dt in ("*bf16", "*fp32"):  # the dense path: the routing weights applied with the activation
         yield (f"glu_rows {dt} routed", te._glu_rows, {**gptrs, "x": dt}, dict(A=3, ACT=0, BM=1024))
-        yield (f"glu_packed {dt}", te._glu_packed, {**gptrs, "x": dt}, dict(A=3, ACT=0, BM=te.GLU_PACKED_BLOCK))
     for pos, extra in ((True, False), (True, True), (False, True), (False, False)):  # grouped_mm path; grouped path
         yield (f"sum_rows *bf16 pos={pos} extra={extra}", te._sum_rows, gptrs,
                dict(A=3, POS=pos, WEIGHT=pos, EXTRA=extra, BD=1024))
@@ -138,12 +137,12 @@ def front_end(src: ASTSource) -> None:
 
 
 # The runtime specialises pointers and the sizes d, m, ms that are multiples of 16 (the real
-# models' are, and so are the strides of their down projections, packed or not: es, ld, s_ld; for the decode attention, the head size and the strides of q, k, v, the new k and v
+# models' are; for the decode attention, the head size and the strides of q, k, v, the new k and v
 # and cos/sin); the weight loads of the expert kernels must then compile to 128-bit vector
 # loads or asynchronous copies. A scalar 16-bit load ("ld.global....b16") in the PTX means the
 # compiler lost the rows' alignment: Triton 3.6 did so through an ``if`` that picked the
 # weight pointers, and those kernels ran 2-3x slower on the H200.
-ALIGNED_INTS = ("d", "m", "ms", "es", "ld", "s_ld", "N", "split", "lda", "ldb", "D", "K", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l",
+ALIGNED_INTS = ("d", "m", "ms", "D", "K", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l",
                 "skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")
 
 

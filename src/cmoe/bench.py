@@ -36,7 +36,6 @@ import os
 import platform
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -123,18 +122,15 @@ def strip_ffn_(model) -> None:
 
 def convert_model_(model, preset: str, calib_tokens=(2, 512), seed: int = 0) -> str:
     """Convert in place with ``cmoe.convert_`` on random calibration ids, every layer at the
-    preset's S/A/E (uniform allocation, so that each cell measures that configuration); then each
-    layer's weights packed or not as generation leaves them (``cmoe.packed_ffn.PACK``), so that the
-    oracle check and the prefill cells see the layout that decoding runs on, and the expert
-    implementation "auto" with the Triton kernels registered."""
-    from cmoe import CMoEConfig, convert_, packed_ffn, set_expert_impl
+    preset's S/A/E (uniform allocation, so that each cell measures that configuration); then the
+    expert implementation "auto", with the Triton kernels registered."""
+    from cmoe import CMoEConfig, convert_, set_expert_impl
     from cmoe.experts import _load_triton
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     calib = torch.randint(0, model.config.vocab_size, calib_tokens, generator=g)
     cfg = CMoEConfig.parse(preset, calib_samples=calib_tokens[0], calib_seqlen=calib_tokens[1], allocation="uniform")
     convert_(model, cfg, calib.to(next(model.parameters()).device), device="cuda", progress=False)
-    packed_ffn.pack_model_(model, packed_ffn.PACK)
     _load_triton()
     set_expert_impl(model, "auto")
     return f"cmoe.convert_ ({calib_tokens[0]}x{calib_tokens[1]} random calibration tokens, uniform allocation)"
@@ -558,19 +554,6 @@ def inductor_settings(args) -> dict:
     return {"coordinate_descent_tuning": True} if args.coordinate_descent else {}
 
 
-@contextmanager
-def packing(on: bool):
-    """``cmoe.packed_ffn.PACK`` True inside when ``on``; as it was after."""
-    from cmoe import packed_ffn
-
-    before = packed_ffn.PACK
-    packed_ffn.PACK = on or before
-    try:
-        yield
-    finally:
-        packed_ffn.PACK = before
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cmoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -590,9 +573,6 @@ def main(argv=None) -> int:
     p.add_argument("--coordinate-descent", action="store_true",
                    help="compile everything (dense and MoE alike) with inductor's coordinate-descent tuning, which also "
                         "turns one-row matmuls (the dense FFN at batch 1) into inductor's own reductions; compiles take longer")
-    p.add_argument("--pack", action="store_true",
-                   help="each converted layer's weights in one gate/up and one down storage (cmoe.packed_ffn.PACK), "
-                        "as generation then runs them")
     p.add_argument("--calib", default="2x512", help="calibration tokens NxS for convert_")
     p.add_argument("--out", default=None, help="write the table (markdown) and raw rows (json) here")
     args = p.parse_args(argv)
@@ -617,14 +597,12 @@ def main(argv=None) -> int:
     settings = inductor_settings(args)
     if settings:
         notes.append(f"inductor settings (every compile, dense and MoE alike): {settings}")
-    if args.pack:
-        notes.append("converted layers packed (cmoe.packed_ffn.PACK = True)")
     log("# " + "\n# ".join(notes))
     ceil = measure_ceilings()
     log(f"ceilings: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s")
     rows: list[Row] = []
     memory = []
-    with torch._inductor.config.patch(settings), packing(args.pack):
+    with torch._inductor.config.patch(settings):
         for name in args.models:
             for config in ["dense"] + ([NO_FFN] if args.rest else []) + list(args.configs):
                 t0 = time.perf_counter()

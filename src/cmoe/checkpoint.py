@@ -87,15 +87,6 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def _contiguous_state(model: nn.Module) -> dict | None:
-    """The model's state dict with contiguous copies of its strided tensors (a packed layer's down
-    weights, ``cmoe.packed_ffn``), which transformers' saving cannot handle; None if there are none."""
-    state = model.state_dict()
-    if all(t.is_contiguous() for t in state.values()):
-        return None
-    return {k: t if t.is_contiguous() else t.contiguous() for k, t in state.items()}
-
-
 def save(
     model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False, files: dict[str, str] | None = None
 ) -> Path:
@@ -106,7 +97,7 @@ def save(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=_contiguous_state(model))
+        model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         cfg_path = tmp / "config.json"

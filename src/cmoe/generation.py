@@ -9,9 +9,8 @@ in docs/benchmarks/speed-h200.md). Caches that keep state on the host (sliding-w
 use ``mode="reduce-overhead"`` instead. Sampling happens inside the step, and the loop never waits
 on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given. Attentions
 compute q, k and v with one GEMM while generating (``cmoe.fused_qkv``; no weight is copied), and on
-a GPU the decode steps' attention runs in one Triton launch (``cmoe.attention.decode_attention_on``),
-at batch 1 the attention projections as one-launch GEMVs (``cmoe.gemv``); with
-``cmoe.packed_ffn.PACK`` each CMoE layer's weights lie in one gate/up and one down storage. Greedy decoding
+a GPU the decode steps' attention runs in one Triton launch (``cmoe.attention.decode_attention_on``)
+and, at batch 1, the attention projections as one-launch GEMVs (``cmoe.gemv``). Greedy decoding
 takes the argmax over the vocabulary in two passes (``argmax_last``).
 
     from cmoe.generation import generate, time_generation
@@ -33,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import packed_ffn
 from .attention import decode_attention_on
 from .fused_qkv import fused_qkv
 
@@ -51,9 +49,8 @@ GEMV_PROJECTIONS = True  # on a GPU, the attention projections of one-row steps 
 def generation_setup(model):
     """What generating runs a model with, and what timing it measures: q, k and v as one GEMM
     (``cmoe.fused_qkv``) and, on a GPU, the decode steps' attention in one launch
-    (``cmoe.attention.decode_attention_on``), at batch 1 the attention projections as one-launch
-    GEMVs (``cmoe.gemv.gemv_projections``), and with ``cmoe.packed_ffn.PACK`` each CMoE layer's
-    weights packed; the model as it was on exit, its weights still packed if so (no copy)."""
+    (``cmoe.attention.decode_attention_on``) and, at batch 1, the attention projections as
+    one-launch GEMVs (``cmoe.gemv.gemv_projections``); the model as it was on exit."""
     with fused_qkv(model), decode_attention_on(model), _gpu_setup(model):
         yield
 
@@ -61,8 +58,7 @@ def generation_setup(model):
 @contextmanager
 def _gpu_setup(model):
     """For a model on a GPU: the Triton expert kernels registered before tracing (an import inside
-    a traced function would break the graph), the CMoE layers packed (``cmoe.packed_ffn.PACK``;
-    unpacked if False), and ``gemv_projections`` (GEMV_PROJECTIONS)."""
+    a traced function would break the graph), and ``gemv_projections`` (GEMV_PROJECTIONS)."""
     p = next(model.parameters(), None)
     if p is None or not p.is_cuda:
         yield
@@ -71,7 +67,6 @@ def _gpu_setup(model):
     from .gemv import gemv_projections  # Triton: only on a GPU
 
     _load_triton()
-    packed_ffn.pack_model_(model, packed_ffn.PACK)
     if not GEMV_PROJECTIONS:
         yield
         return

@@ -70,7 +70,6 @@ import triton.language as tl
 
 from . import activations
 from .experts import dense_experts, expert_counts, expert_order, grouped_pairs, register, shared_expert, sort_by_expert
-from .packed_ffn import packed_views
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
@@ -206,15 +205,13 @@ def _gate_up_rows(w_ptr, sw_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
 
 
 @triton.jit
-def _down_rows(w_ptr, sd_ptr, e, offs_n, m, ms, es, ld, s_ld, S: tl.constexpr):
+def _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
     """Virtual expert e, output rows offs_n [BN] of d: (pointers to the start of those rows of
-    its down projection, how many of its m columns exist); ``tl.where`` as in _gate_up_rows. The
-    strides (``down_strides``): es between routed experts, ld between their rows, s_ld between
-    the shared expert's rows."""
+    its down projection, how many of its m columns exist); ``tl.where`` as in _gate_up_rows."""
     e = tl.cast(e, tl.int64)  # e may be a plain int (a loop counter)
     shared = e < S  # a piece of the shared expert: columns e*m.. of shared_down [d, ms]
-    start = tl.where(shared, e * m, (e - S) * es)  # else down [E, d, m]
-    wd = tl.where(shared, sd_ptr, w_ptr) + start + offs_n.to(tl.int64) * tl.where(shared, s_ld, ld)
+    start = tl.where(shared, e * m, (e - S) * d * m)  # else down [E, d, m]
+    wd = tl.where(shared, sd_ptr, w_ptr) + start + offs_n.to(tl.int64) * tl.where(shared, ms, m)
     k_end = tl.where(shared, tl.minimum(m, ms - e * m), m).to(tl.int32)
     return wd, k_end
 
@@ -302,7 +299,7 @@ def _gemv_route_gate_up(
 def _gemv_down(
     h_ptr, idx_ptr, wt_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+A, m] fp32, idx/wt [T, A], down [E, d, m], shared_down [d, ms], out [T, d]
     sync_ptr,  # RESET: the flags of _gemv_route_gate_up [2] int32, set back to 0 for its next launch
-    d, m, ms, es, ld, s_ld,  # es, ld, s_ld: as in _down_rows
+    d, m, ms,
     A: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RESET: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -315,7 +312,7 @@ def _gemv_down(
     h_t = h_ptr + t * (S + A) * m
     acc = tl.zeros((BN, BK), tl.float32)
     if S > 0:  # the shared pieces' activations are h_t[0:ms], contiguous
-        ws = sd_ptr + offs_n[:, None].to(tl.int64) * s_ld
+        ws = sd_ptr + offs_n[:, None].to(tl.int64) * ms
         for k0 in range(0, ms, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < ms
@@ -324,7 +321,7 @@ def _gemv_down(
     for k in tl.static_range(A):
         e = tl.load(idx_ptr + t * A + k).to(tl.int64)
         rw = tl.load(wt_ptr + t * A + k).to(tl.float32)
-        wd = w_ptr + e * es + offs_n[:, None].to(tl.int64) * ld  # [BN, 1]
+        wd = w_ptr + e * d * m + offs_n[:, None].to(tl.int64) * m  # [BN, 1]
         for k0 in range(0, m, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < m
@@ -351,25 +348,13 @@ def _gemv_bn(bn: int, rows: int, programs_other: int) -> int:
 
 def _shared_pieces(shared, gate_up, down) -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """(ms, S, shared_gate_up, shared_down): the shared expert's width, its number of m-wide pieces
-    (0, 0 without one), and its weights as the kernels take them (gate/up contiguous, down with
-    contiguous rows: ``contiguous_rows``), or ``gate_up`` and ``down`` as placeholders that the
-    kernels never read when S = 0. ``shared``: None or (shared_gate_up [2ms, d], shared_down [d, ms])."""
+    (0, 0 without one), and its weights as the kernels take them (contiguous), or ``gate_up`` and
+    ``down`` as placeholders that the kernels never read when S = 0. ``shared``: None or
+    (shared_gate_up [2ms, d], shared_down [d, ms])."""
     ms = 0 if shared is None else shared[1].shape[1]
     S = triton.cdiv(ms, down.shape[2])
-    sgu, sd = (shared[0].contiguous(), contiguous_rows(shared[1])) if S else (gate_up, down)
+    sgu, sd = (shared[0].contiguous(), shared[1].contiguous()) if S else (gate_up, down)
     return ms, S, sgu, sd
-
-
-def contiguous_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if its last dimension is contiguous, else a contiguous copy: the down kernels take any
-    other strides (``down_strides``), such as the views of a packed layer (``cmoe.packed_ffn``)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def down_strides(down: torch.Tensor, shared_down: torch.Tensor) -> tuple[int, int, int]:
-    """(between routed experts, between their rows, between the shared expert's rows) of
-    ``down [E, d, m]`` and ``shared_down [d, ms]`` (or its placeholder), in elements."""
-    return down.stride(0), down.stride(1), shared_down.stride(-2)
 
 
 def _gemv_gate_up_tiles(cfg: dict, m: int, d: int, pairs: int) -> tuple[int, int, int]:
@@ -402,8 +387,7 @@ def _gemv_down_all(h, idx, weight, down, shared_down, ms: int, S: int, cfg: dict
     bn, bk, nw = cfg["down"]
     bn = _gemv_bn(bn, d, T) if not _INTERPRET else 16
     _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, shared_down, out, idx if sync is None else sync, d, m, ms,
-                                        *down_strides(down, shared_down), A=a, S=S, BN=bn, BK=bk, RESET=sync is not None,
-                                        num_warps=nw)
+                                        A=a, S=S, BN=bn, BK=bk, RESET=sync is not None, num_warps=nw)
     return out
 
 
@@ -458,7 +442,7 @@ def _few_gate_up(
 @triton.jit
 def _few_down(
     h_ptr, idx_ptr, wt_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+E, m]; down [E, d, m]; shared_down [d, ms]; out [T, K, d]
-    T, d, m, ms, E, GS, es, ld, s_ld,  # es, ld, s_ld: as in _down_rows
+    T, d, m, ms, E, GS,
     A: tl.constexpr, AP: tl.constexpr, S: tl.constexpr, K: tl.constexpr, TP: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -475,7 +459,7 @@ def _few_down(
         used, coef = _used_by(idx_ptr, wt_ptr, offs_t, t_ok, v - S, A, AP)
         coef = tl.where(v < S, t_ok.to(tl.float32), coef)  # a shared piece: weight 1 for every token
         if v < S or used > 0:
-            wd, k_end = _down_rows(w_ptr, sd_ptr, v, offs_n, m, ms, es, ld, s_ld, S)
+            wd, k_end = _down_rows(w_ptr, sd_ptr, v, offs_n, d, m, ms, S)
             h_rows = h_ptr + (offs_t * (S + E) + v) * m
             part = _down_block(tl.zeros((TP, BN), tl.float32), h_rows, t_ok, wd, n_ok, m, k_end, BK, UPCAST, IEEE, "evict_first")
             acc += part * coef[:, None]
@@ -516,7 +500,7 @@ def _few_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = Non
     )
     bn, bk, nw, ns = cfg["down"]
     _few_down[(triton.cdiv(d, bn), K)](
-        h, idx, weight, down, sd, out, T, d, m, ms, E, gs, *down_strides(down, sd),
+        h, idx, weight, down, sd, out, T, d, m, ms, E, gs,
         A=a, AP=ap, S=S, K=K, TP=tp, BN=bn, BK=bk, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
     return out
@@ -738,7 +722,7 @@ def _grouped_gate_up(
 @triton.jit
 def _grouped_down(
     h_ptr, w_ptr, sd_ptr, wt_ptr, y_ptr, sorted_ptr, tile_expert_ptr,  # h [max_tiles*BT, m]; down [E, d, m]; shared_down [d, ms]; wt [T, A]; y [P, d]
-    P, d, m, ms, num_tiles, es, ld, s_ld,  # es, ld, s_ld: as in _down_rows
+    P, d, m, ms, num_tiles,
     A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -752,7 +736,7 @@ def _grouped_down(
     valid = pair < P
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < d
-    wd, k_end = _down_rows(w_ptr, sd_ptr, e, offs_n, m, ms, es, ld, s_ld, S)
+    wd, k_end = _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S)
     h_rows = h_ptr + rows.to(tl.int64) * m
     acc = _down_block(tl.zeros((BT, BN), tl.float32), h_rows, valid, wd, n_ok, m, k_end, BK, UPCAST, IEEE, "")
     slot = pair % (S + A)  # the shared pieces have weight 1, routed slot S + k the weight wt[t, k]
@@ -805,7 +789,7 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
     bn, bk, nw, ns = cfg["down"]
     grid = (num_tiles * triton.cdiv(d, bn),)
     _grouped_down[grid](
-        h, down, sd, weight, y, sorted_ids, tile_expert, P, d, m, ms, num_tiles, *down_strides(down, sd),
+        h, down, sd, weight, y, sorted_ids, tile_expert, P, d, m, ms, num_tiles,
         A=a, S=S, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
     return y.view(T, S + a, d)  # the output of each slot: the caller sums them
@@ -865,64 +849,6 @@ def glu(gu: torch.Tensor, act: str, routing: tuple[torch.Tensor, torch.Tensor] |
     return h
 
 
-@triton.jit
-def _glu_packed(ga_ptr, gb_ptr, h_ptr, idx_ptr, wt_ptr, ms, m, N, split, lda, ldb, nbs, nbe,
-                A: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr):
-    """h[t, c] = w * act(g) * u for neuron c of token t in a packed layer (``cmoe.packed_ffn``): the
-    shared expert's ms neurons (w = 1), then each routed expert's m (w: t's routing weight for the
-    expert, 0 if t did not choose it). Column j of ``x @ G.T`` ([g; u] of the shared expert, then
-    of expert 0, 1, ...) is column j of ga [T, split] for j < split, else column j - split of
-    gb; ``split`` lies between two of those blocks of g or u. Program (t, q): BM neurons of one
-    block, q < nbs the shared expert's, then nbe per routed expert."""
-    t = tl.program_id(0).to(tl.int64)
-    q = tl.program_id(1)
-    shared = q < nbs
-    e = tl.where(shared, -1, (q - nbs) // nbe)
-    j0 = tl.where(shared, q, (q - nbs) % nbe) * BM
-    g0 = tl.where(shared, 0, 2 * ms + e * (2 * m)) + j0  # first gate column of the block in [0, 2N)
-    u0 = g0 + tl.where(shared, ms, m)
-    offs = tl.arange(0, BM)
-    ok = j0 + offs < tl.where(shared, ms, m)
-    g_ptr = tl.where(g0 < split, ga_ptr + t * lda + g0, gb_ptr + t * ldb + (g0 - split))
-    u_ptr = tl.where(u0 < split, ga_ptr + t * lda + u0, gb_ptr + t * ldb + (u0 - split))
-    g = tl.load(g_ptr + offs, mask=ok).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=ok).to(tl.float32)
-    w = tl.where(shared, 1.0, 0.0)
-    for k in tl.static_range(A):
-        w += tl.where(tl.load(idx_ptr + t * A + k) == e, tl.load(wt_ptr + t * A + k), 0.0)
-    out = h_ptr + t * N + tl.where(shared, 0, ms + e * m) + j0 + offs
-    tl.store(out, (_act(g, ACT) * u * w).to(h_ptr.dtype.element_ty), mask=ok)
-
-
-GLU_PACKED_BLOCK = 512  # neurons per program of _glu_packed
-
-
-def packed_split(ms: int, m: int, E: int) -> int:
-    """Where a packed layer's gate/up rows [2N, d] (N = ms + E m) are cut into two GEMMs: at N, as
-    the dense FFN's gate and up GEMMs, where that falls between two blocks of m or ms rows (ms a
-    multiple of m, as in every CMoE conversion), else at the block boundary nearest to it."""
-    n = ms + E * m
-    bounds = [0, ms, 2 * ms] + [2 * ms + k * m for k in range(1, 2 * E + 1)]
-    return min(bounds, key=lambda b: abs(b - n))
-
-
-def glu_packed(gu: tuple[torch.Tensor, torch.Tensor], ms: int, m: int, act: str, idx: torch.Tensor,
-               weight: torch.Tensor) -> torch.Tensor:
-    """[T, N]: ``_glu_packed`` over a packed layer's ``x @ G.T`` given in two parts cut at
-    ``packed_split`` (contiguous rows), with the routing (idx, weight [T, a]) as a mask."""
-    a, b = gu
-    T, split = a.shape
-    N = (split + b.shape[1]) // 2
-    E = (N - ms) // m
-    h = torch.empty(T, N, device=a.device, dtype=a.dtype)
-    bm = GLU_PACKED_BLOCK
-    nbs, nbe = triton.cdiv(ms, bm), triton.cdiv(m, bm)
-    if T:
-        _glu_packed[(T, nbs + E * nbe)](a, b, h, idx, weight, ms, m, N, split, a.stride(0), b.stride(0), nbs, nbe,
-                                       A=idx.shape[1], ACT=_ACT_CODE[act], BM=bm)
-    return h
-
-
 def dense_expert(x, gate_up, down, act: str) -> torch.Tensor:
     """``cmoe.experts.shared_expert`` with cuBLAS for the GEMMs and one kernel for the activation."""
     return glu(x @ gate_up.T, act) @ down.T
@@ -970,8 +896,6 @@ def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None, bes
     (the shared expert's output) if given; with ``beside`` (a ``_Beside`` whose side stream makes
     ``extra``), the current stream waits for it only after the GEMMs are enqueued. Static shapes,
     no host sync."""
-    if down.data_ptr() % 16 or down.stride(0) % 8 or down.stride(1) % 8:  # CUTLASS: 16-byte aligned rows
-        down = down.contiguous()
     order, ends, pos = sort_pairs(idx, gate_up.shape[0])
     y, _ = grouped_pairs(x, idx, gate_up, down, lambda gu: glu(gu, act), (order, ends))
     return sum_rows(y, idx.shape[1], pos, weight, beside.wait(extra) if beside is not None else extra)
@@ -1286,7 +1210,7 @@ def _masked_gate_up(
 @triton.jit
 def _masked_down(
     h_ptr, sc_ptr, bias_ptr, scale_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+E, m]; scores [2, rows_pad, BE]; down [E, d, m]; shared_down [d, ms]; out [T, K, d]
-    T, d, m, ms, E, GS, rows_pad, es, ld, s_ld,  # es, ld, s_ld: as in _down_rows
+    T, d, m, ms, E, GS, rows_pad,
     A: tl.constexpr, S: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, BE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, LINEAR: tl.constexpr,
 ):
@@ -1309,7 +1233,7 @@ def _masked_down(
         used = tl.sum(tl.sum((col & chosen).to(tl.int32), 1), 0)
         c = tl.where(v < S, r_ok.to(tl.float32), tl.sum(tl.where(col, coef, 0.0), 1))  # [BT]
         if v < S or used > 0:
-            wd, k_end = _down_rows(w_ptr, sd_ptr, v, offs_n, m, ms, es, ld, s_ld, S)
+            wd, k_end = _down_rows(w_ptr, sd_ptr, v, offs_n, d, m, ms, S)
             h_rows = h_ptr + (rows.to(tl.int64) * (S + E) + v) * m
             part = _down_block(tl.zeros((BT, BN), tl.float32), h_rows, r_ok, wd, n_ok, m, k_end, BK, UPCAST, IEEE,
                                "evict_first")
@@ -1375,7 +1299,7 @@ def _masked_moe(x, gate_up, down, shared, router, act: str, top_k: int, cfg: dic
     T, d = x.shape
     E, m = down.shape[0], down.shape[2]
     rg, ru, bias, scale, linear = router
-    x, gate_up, down, rg, ru = x.contiguous(), gate_up.contiguous(), contiguous_rows(down), rg.contiguous(), ru.contiguous()
+    x, gate_up, down, rg, ru = x.contiguous(), gate_up.contiguous(), down.contiguous(), rg.contiguous(), ru.contiguous()
     ms, S, sgu, sd = _shared_pieces(shared, gate_up, down)
     cfg = cfg or masked_config(T)
     bt = cfg["bt"]
@@ -1399,7 +1323,7 @@ def _masked_moe(x, gate_up, down, shared, router, act: str, top_k: int, cfg: dic
     )
     bn, bk, nw, ns = cfg["down"]
     _masked_down[(tiles, triton.cdiv(d, bn), K)](
-        h, scores, bias, scale, down, sd, out, T, d, m, ms, E, gs, tiles * bt, *down_strides(down, sd),
+        h, scores, bias, scale, down, sd, out, T, d, m, ms, E, gs, tiles * bt,
         A=top_k, S=S, K=K, ACT=code, BT=bt, BN=bn, BK=bk, BE=be, UPCAST=upcast, IEEE=ieee, LINEAR=linear,
         num_warps=nw, num_stages=ns,
     )
@@ -1430,21 +1354,15 @@ def layer_args(layer) -> tuple:
 # ----------------------------------------------------------------------------- dense path: the whole layer
 # Batches of 128-512 tokens in layers with half or more of their neurons active: the routing touches
 # every expert, so the layer reads as many bytes as the dense FFN; cuBLAS runs every neuron and the
-# routing becomes a mask. As one op. In a packed layer (``cmoe.packed_ffn``, with its PACK set):
-# the router, then the dense FFN's GEMMs, gate and up, ``glu_packed`` (the activation with each
-# token's routing weights, 0 for the experts it did not choose), then down over every neuron.
-# H200, llama3-8b shapes, 4 layers, b=256, median of 3 rounds: S3A3E8 0.9917x dense, S2A2E8
-# 0.9975x, against 0.9834x and 0.9881x unpacked (docs/benchmarks/speed-h200.md, "Run ae"). At 128
-# tokens (PACKED_MIN_TOKENS) that was 1.5-2 % slower than dense, so there, and in unpacked layers,
-# the router, then the shared expert, on a second stream (``_Beside``) beside the routed
-# experts' gate/up GEMM; ``glu`` with the routing; one batched GEMM over the experts' down
-# projections; ``sum_rows`` adds the experts' rows and the shared expert's output.
+# routing becomes a mask. As one op: the router, then the shared expert, on a second stream
+# (``_Beside``) beside the routed experts' gate/up GEMM; ``glu`` applies each token's routing
+# weights (0 for the experts it did not choose) with the activation; one batched GEMM over the
+# experts' down projections; ``sum_rows`` adds the experts' rows and the shared expert's output.
 # Layers that the op cannot serve (their routing asked for, an adapter on the shared expert) run
 # the same GEMMs as torch ops (``cmoe.experts.dense_experts``, in ``triton_experts``).
 DENSE_MIN_TOKENS = 128  # the dense path from this many tokens (H200: below, the grouped path is faster)
 DENSE_MAX_WORK = 512  # ... while tokens x (all neurons / active neurons) is at most this (H200 sweep)
 DENSE_MIN_ACTIVE = 0.5  # ... in layers with at least this share of their neurons active (H200, run o)
-PACKED_MIN_TOKENS = 256  # packed layers from this many tokens: the dense FFN's GEMMs (H200, run ae: at 128 tokens 1.5-2 % slower than dense)
 
 
 def use_dense(T: int, active: int, total: int) -> bool:
@@ -1467,22 +1385,13 @@ def triton_dense_op(
     _check(x, None, None, gate_up, down, act)
     T, d = x.shape
     E, m = down.shape[0], down.shape[2]
-    x = x.contiguous()
-    packed = packed_views(gate_up, down, shared_gate_up, shared_down) if T >= PACKED_MIN_TOKENS else None
-    if packed is not None:  # the router, then the dense FFN's GEMMs (beside them on a second stream it ran later: H200, run ae)
-        G, D = packed
-        ms = 0 if shared_down is None else shared_down.shape[1]
-        cut = packed_split(ms, m, E)
-        idx, wt, _ = triton_route_op(x, router_gate, router_up, bias, scale, act, top_k, linear)
-        gu = (x @ G[:cut].T, x @ G[cut:].T)  # as the dense FFN's gate and up GEMMs
-        return glu_packed(gu, ms, m, act, idx, wt) @ D.T
-    gate_up, down = gate_up.contiguous(), contiguous_rows(down)
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     beside = _Beside(x, on=SHARED_STREAM)
     with torch.cuda.stream(beside.side):
         idx, wt, _ = triton_route_op(x, router_gate, router_up, bias, scale, act, top_k, linear)
         routed = beside.mark()
         shared = shared_down is not None
-        extra = dense_expert(x, shared_gate_up.contiguous(), contiguous_rows(shared_down), act) if shared else None
+        extra = dense_expert(x, shared_gate_up.contiguous(), shared_down.contiguous(), act) if shared else None
     gu = x @ gate_up.view(E * 2 * m, d).T  # [T, E * 2m]
     beside.wait_mark(routed, idx, wt)
     h = glu(gu.view(T * E, 2 * m), act, routing=(idx, wt)).view(T, E, m)
@@ -1556,7 +1465,7 @@ def triton_gemv_op(
     _check(x, None, None, gate_up, down, act)
     if x.shape[0] > ROUTE_TILE:
         raise ValueError(f"the GEMV path takes at most {ROUTE_TILE} tokens, got {x.shape[0]}")
-    x, gate_up, down = x.contiguous(), gate_up.contiguous(), contiguous_rows(down)
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     ms, S, sgu, sd = _shared_pieces((shared_gate_up, shared_down) if shared_down is not None else None, gate_up, down)
     sync = _gemv_sync(x)
     h, idx, wt = _gemv_route_gate_up_all(x, gate_up, sgu, ms, S, router_gate, router_up, bias, scale, linear, act, top_k, sync)
@@ -1642,8 +1551,8 @@ def triton_experts_op(
         return x.new_zeros(T, 1, x.shape[1])
     path, S = _plan(T, a, ms, m, down.shape[0], grouped_mm_ok(x, x.shape[1], m))
     x, idx, weight = x.contiguous(), idx.contiguous(), weight.contiguous().float()
-    gate_up, down = gate_up.contiguous(), contiguous_rows(down)
-    shared = (shared_gate_up.contiguous(), contiguous_rows(shared_down)) if ms else None
+    gate_up, down = gate_up.contiguous(), down.contiguous()
+    shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if ms else None
     if a == 0:
         return dense_expert(x, *shared, act)[:, None]
     beside = _Beside(x, on=SHARED_STREAM and ms > 0 and not S)
