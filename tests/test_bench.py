@@ -101,8 +101,10 @@ def test_report_writes_the_split_and_the_ffn_costs(tmp_path):
     assert saved[2]["ffn"] == {"bytes": 1e9, "flops": 1e9} and saved[1]["ratio"] is None
 
 
-def _setting_while_building(monkeypatch, flags: list[str], read):
-    """Run ``bench.main`` with ``flags`` up to its first model build: what ``read()`` gave then."""
+def test_coordinate_descent_flag_sets_inductor_for_every_model_of_the_run(monkeypatch):
+    """``--coordinate-descent``: every model of the run is built (and so compiled) under inductor's
+    coordinate-descent tuning, and only then; the setting is put back after the run."""
+    import torch._inductor.config as inductor_config
 
     class Built(Exception):
         pass
@@ -110,25 +112,16 @@ def _setting_while_building(monkeypatch, flags: list[str], read):
     seen = []
 
     def build(name, layers=None):
-        seen.append(read())
+        seen.append(inductor_config.coordinate_descent_tuning)
         raise Built
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
     monkeypatch.setattr(bench, "measure_ceilings", lambda: CEIL)
     monkeypatch.setattr(bench, "build_dense", build)
-    with pytest.raises(Built):
-        bench.main(["--models", "llama2-7b", *flags])
-    return seen.pop()
-
-
-def test_coordinate_descent_flag_sets_inductor_for_every_model_of_the_run(monkeypatch):
-    """``--coordinate-descent``: every model of the run is built (and so compiled) under inductor's
-    coordinate-descent tuning, and only then; the setting is put back after the run."""
-    import torch._inductor.config as inductor_config
-
-    read = lambda: inductor_config.coordinate_descent_tuning  # noqa: E731
-    before = read()
+    before = inductor_config.coordinate_descent_tuning
     for flag, want in (([], before), (["--coordinate-descent"], True)):
-        assert _setting_while_building(monkeypatch, flag, read) is want
-        assert read() is before
+        with pytest.raises(Built):
+            bench.main(["--models", "llama2-7b", *flag])
+        assert seen.pop() is want
+        assert inductor_config.coordinate_descent_tuning is before
