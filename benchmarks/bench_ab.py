@@ -1,4 +1,5 @@
-"""A/B of settings on the compiled decode step, dense and converted models alike, in one process.
+"""A/B of settings on the compiled decode step (or, with ``--prefill BxS``, the compiled prefill
+forward), dense and converted models alike, in one process.
 
     python benchmarks/bench_ab.py --models llama2-7b --configs S2A2E16 S1A1E8 --batch 1 --rounds 2 \\
         --arm default \\
@@ -16,8 +17,15 @@ step is traced need no recompile: dynamo guards on them and retraces when they c
 LLaMA shapes with random bf16 weights (``cmoe.bench``), converted with ``cmoe.convert_`` on random
 calibration tokens.
 
+With ``--prefill BxS`` each cell is one prefill forward of B random sequences of S tokens, timed as
+``bench_speed.py`` times it (compiled with ``fullgraph=True``, q/k/v as one GEMM, SDPA's causal
+kernel, replayed as a CUDA graph; ``--repeats`` replays, median), instead of decode steps:
+
+    python benchmarks/bench_ab.py --models llama2-7b --configs S1A1E8 --prefill 1x2048 --rounds 3 --recompile \
+        --arm default --arm "fold: cmoe.triton_experts.SHARED_FOLD_MAX_TOKENS = 4096"
+
 Prints the hardware, one line per (round, arm), then the median over rounds per arm: the time of a
-decode step of each model and each converted model's ratio to dense in the same arm.
+decode step (or prefill) of each model and each converted model's ratio to dense in the same arm.
 """
 
 from __future__ import annotations
@@ -142,6 +150,31 @@ def summary(results: dict, arms: list[Arm], models: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _prefill_shape(parser, text: str | None) -> tuple[int, int] | None:
+    """"BxS" -> (B, S); None -> None (decode)."""
+    if text is None:
+        return None
+    b, x, s = text.partition("x")
+    if not (x and b.isdigit() and s.isdigit() and int(b) > 0 and int(s) > 0):
+        parser.error(f"--prefill {text!r}: expected BxS with positive integers, e.g. 1x2048")
+    return int(b), int(s)
+
+
+@torch.no_grad()
+def prefill_ms(model, shape: tuple[int, int], repeats: int) -> float:
+    """One compiled prefill forward of ``shape`` (B, S) random tokens (seeded: the same ids for every
+    model and arm), timed as ``bench_speed.py`` times it; milliseconds."""
+    from cmoe.attention import unpadded_prefill
+    from cmoe.fused_qkv import fused_qkv
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, shape, device="cuda", generator=gen)
+    with unpadded_prefill(), fused_qkv(model):
+        t, _ = bench.time_prefill(bench.prefill_forward(model, ids), repeats=repeats)
+    torch.cuda.empty_cache()
+    return t * 1e3
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["llama2-7b"], choices=list(bench.MODELS), help="model shapes")
@@ -152,10 +185,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--recompile", action="store_true", help="recompile the decode step for every arm")
+    p.add_argument("--prefill", metavar="BxS", help="time a prefill forward of B x S tokens instead of decode steps")
+    p.add_argument("--recompile", action="store_true", help="recompile the decode step (or prefill) for every arm")
     p.add_argument("--arm", action="append", required=True, help="NAME or 'NAME: TARGET = VALUE; ...' (repeat the option)")
     args = p.parse_args(argv)
     arms = [parse_arm(a) for a in args.arm]
+    prefill = _prefill_shape(p, args.prefill)
     if len({a.name for a in arms}) < len(arms):
         p.error("arm names must differ")
     if not torch.cuda.is_available():
@@ -172,11 +207,14 @@ def main(argv=None) -> int:
     print(f"# command: python benchmarks/bench_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}", flush=True)
 
     def step_ms(model) -> float:
+        if prefill:
+            return prefill_ms(model, prefill, args.repeats)
         drop_static_caches(model)  # captured again under this arm's settings
         torch.cuda.empty_cache()
         t = time_generation(model, args.batch, args.prompt, new_tokens=args.steps, repeats=args.repeats)
         return t.decode_s * 1e3
 
+    cell = f"prefill {args.prefill}" if prefill else f"b={args.batch}"
     for shape in args.models:
         models = {"dense": bench.build_dense(shape, layers=args.layers)}
         for config in args.configs:
@@ -196,9 +234,9 @@ def main(argv=None) -> int:
                     torch._dynamo.reset()  # the next arm compiles without this one's settings
                 results[arm.name].append(times)
                 cells = " ".join(f"{n} {ms:.4f} ms ({times['dense'] / ms:.4f}x)" for n, ms in times.items() if n != "dense")
-                print(f"{shape} b={args.batch} round {rnd} {arm.name}: dense {times['dense']:.4f} ms {cells} "
+                print(f"{shape} {cell} round {rnd} {arm.name}: dense {times['dense']:.4f} ms {cells} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        print(f"\n{shape}, batch {args.batch}, {args.layers} layers, median over {args.rounds} rounds:\n")
+        print(f"\n{shape}, {cell}, {args.layers} layers, median over {args.rounds} rounds:\n")
         print(summary(results, arms, list(models)), flush=True)
         del models
         torch._dynamo.reset()

@@ -199,19 +199,26 @@ def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("a", [1, 2])
-def test_shared_expert_beyond_the_fold_limit(monkeypatch, a, dtype):
+@pytest.mark.parametrize("slots", [True, False], ids=["slots", "summed"])
+def test_shared_expert_beyond_the_fold_limit(monkeypatch, a, dtype, slots):
     """Many tokens: the shared expert runs as a dense GEMM next to the kernels; same result (also
-    for one token, and with experts that get none)."""
+    for one token, and with experts that get none). PREFILL_SLOTS: its output is slot 0 and the
+    routed experts' slots follow, for the caller to sum; off: the op sums them."""
     for name in ("SHARED_FOLD_MAX_TOKENS", "GEMV_MAX_PAIRS", "FEW_MAX_TOKENS"):  # the prefill path from one token
         monkeypatch.setattr(te, name, 0)
+    monkeypatch.setattr(te, "PREFILL_SLOTS", slots)
     for T in (1, 9):
         assert te._plan(T, a, 30, 20, 5) == ("grouped", 0)
         x, idx, w, gu, dn = problem(T, a, 5, dtype=dtype, seed=4 + T, empty=2)
         sgu, sd = _shared(30, dtype=dtype, seed=4)
         y = te.triton_experts_op(x, idx, w, gu, dn, "gelu_tanh", sgu, sd)
-        assert y.shape == (T, 1, x.shape[1])  # one output per token: the op adds everything itself
+        assert y.shape == (T, 1 + a if slots else 1, x.shape[1])
+        assert te._slots(T, a, 30, 20, 5) == y.shape[1]  # what the op's fake says
         ref = oracle(x, idx, w, gu, dn, "gelu_tanh") + shared_oracle(x, sgu, sd, "gelu_tanh")
-        assert rel_err(y[:, 0], ref) < TOL[dtype]
+        assert rel_err(y.float().sum(1), ref) < TOL[dtype]
+        if slots:
+            assert torch.equal(y[:, 0], te.dense_expert(x, sgu, sd, "gelu_tanh"))
+            assert rel_err(y[:, 1:].float().sum(1), oracle(x, idx, w, gu, dn, "gelu_tanh")) < TOL[dtype]
 
 
 ALIGN_VARIANTS = ["kernel", "kernel-small-loads", "torch"]
@@ -303,12 +310,18 @@ def test_fused_router_matches(T, E, a, act, dtype, kind):
 
 @pytest.mark.parametrize("d", [150, 330, 64])
 @pytest.mark.parametrize("kind", ["analytical", "linear"])
-def test_fused_router_sums_every_slice_of_d(monkeypatch, d, kind):
-    """Few tokens: the scores are summed over slices of d of 64 columns: 3 (the last one partial),
-    6, and a single slice."""
+@pytest.mark.parametrize("T", [5, 37])
+def test_fused_router_sums_every_slice_of_d(monkeypatch, d, kind, T):
+    """The split router: the scores are summed over slices of d of 64 columns: 3 (the last one
+    partial), 6, and a single slice; 5 tokens in one program, 37 in two wide ones (the second
+    partial), with slices of 128 columns."""
     monkeypatch.setattr(te, "ROUTE_SPLIT_K", 64)
+    monkeypatch.setattr(te, "ROUTE_WIDE_MIN_TOKENS", 20)
+    monkeypatch.setattr(te, "ROUTE_WIDE_TILE", 32)
+    monkeypatch.setattr(te, "ROUTE_WIDE_SPLIT_K", 128)  # slices of 128: 2, 3 and 1
+    assert te._route_split(T) == ((32, 128) if T == 37 else (te.ROUTE_TILE, 64))
     r = _router(9, 2, "silu", torch.float32, d=d, kind=kind)
-    x = torch.randn(5, d, generator=torch.Generator().manual_seed(d)).to(DEVICE)
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(d)).to(DEVICE)
     with torch.no_grad():
         i0, w0, p0 = r.forward_reference(x)
         i1, w1, p1 = te.fused_route(r, x)
@@ -362,9 +375,12 @@ def test_few_token_path_any_number_of_expert_groups(groups):
 
 
 @pytest.mark.parametrize("T,a,ms", [(1, 2, 20), (5, 2, 0), (17, 2, 30), (70, 2, 20), (3, 0, 20)])
-def test_op_fake_matches_real(T, a, ms):
+@pytest.mark.parametrize("fold", [256, 16], ids=["folded", "prefill"])
+def test_op_fake_matches_real(monkeypatch, T, a, ms, fold):
     """The op's fake (meta) implementation, which torch.compile traces, gives the real output's
-    shape (one output per (token, slot) on the grouped path) and dtype."""
+    shape (one output per (token, slot) on the grouped path, the shared expert's slot too beyond
+    SHARED_FOLD_MAX_TOKENS) and dtype."""
+    monkeypatch.setattr(te, "SHARED_FOLD_MAX_TOKENS", fold)
     x, idx, w, gu, dn = problem(T, max(a, 1), 5, d=36, m=20, seed=T)
     idx, w = idx[:, :a], w[:, :a]
     sgu, sd = _shared(ms, seed=T)
@@ -667,7 +683,8 @@ def test_shared_expert_beside_the_routed_path_in_a_cuda_graph(monkeypatch, gmm, 
     monkeypatch.setattr(te, "SHARED_STREAM", True)
     assert torch.equal(te.triton_experts_op(x, idx, w, gu, dn, "silu", sgu, sd), in_order)
     ref = oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")
-    assert rel_err(in_order[:, 0], ref) < TOL[torch.bfloat16]
+    assert in_order.shape[1] == (1 if gmm else 1 + a)  # the grouped path: the shared expert's slot, then the routed ones
+    assert rel_err(in_order.float().sum(1), ref) < TOL[torch.bfloat16]
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = te.triton_experts_op(x, idx, w, gu, dn, "silu", sgu, sd)
@@ -687,6 +704,6 @@ def test_grouped_mm_path_only_where_the_gemm_serves(monkeypatch):
     monkeypatch.setattr(te, "GROUPED_MM_MIN_ROWS", 640)
     assert te._plan(2048, 3, 30, 24, 5, True)[0] == "grouped_mm" and te._plan(2048, 1, 30, 24, 7, True)[0] == "grouped"
     x, idx, w, gu, dn = problem(23, 2, 7, d=36, m=20, dtype=torch.bfloat16, seed=13)  # unaligned: Triton kernels,
-    y = te.triton_experts_op(x, idx, w, gu, dn, "silu")  # slots summed in the op beyond SHARED_FOLD_MAX_TOKENS
-    assert y.shape == (23, 1, 36) and rel_err(y[:, 0], oracle(x, idx, w, gu, dn, "silu")) < TOL[torch.bfloat16]
+    y = te.triton_experts_op(x, idx, w, gu, dn, "silu")  # one slot per routed expert, summed by the caller
+    assert y.shape == (23, 2, 36) and rel_err(y.float().sum(1), oracle(x, idx, w, gu, dn, "silu")) < TOL[torch.bfloat16]
 

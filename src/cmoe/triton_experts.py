@@ -24,7 +24,9 @@ Three expert paths, chosen from static shapes (so a decode step captures in a CU
   for the glue (the activation, and each token's weighted sum plus the shared expert in one pass).
 
 Beyond ``SHARED_FOLD_MAX_TOKENS`` tokens cuBLAS runs the shared expert, on a second CUDA stream
-(``SHARED_STREAM``), beside the routed path's small kernels (sort, gather, alignment) and GEMMs.
+(``SHARED_STREAM``), beside the routed path's small kernels (sort, gather, alignment) and GEMMs; on
+the grouped path it writes its output as one more slot beside the routed slots, which the caller
+sums (``PREFILL_SLOTS``).
 
 Given the shared expert's weights too, every path computes the whole FFN: the shared expert's
 neurons become ``S = ceil(ms / m)`` extra pieces that every token selects with weight 1, so a
@@ -721,8 +723,8 @@ def _grouped_gate_up(
 
 @triton.jit
 def _grouped_down(
-    h_ptr, w_ptr, sd_ptr, wt_ptr, y_ptr, sorted_ptr, tile_expert_ptr,  # h [max_tiles*BT, m]; down [E, d, m]; shared_down [d, ms]; wt [T, A]; y [P, d]
-    P, d, m, ms, num_tiles,
+    h_ptr, w_ptr, sd_ptr, wt_ptr, y_ptr, sorted_ptr, tile_expert_ptr,  # h [max_tiles*BT, m]; down [E, d, m]; shared_down [d, ms]; wt [T, A]; y [T, y_slots, d]
+    P, d, m, ms, num_tiles, y_slots, y_first,
     A: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -742,7 +744,8 @@ def _grouped_down(
     slot = pair % (S + A)  # the shared pieces have weight 1, routed slot S + k the weight wt[t, k]
     rw = tl.load(wt_ptr + (pair // (S + A)) * A + slot - S, mask=valid & (slot >= S), other=1.0).to(tl.float32)
     acc = acc * rw[:, None]
-    tl.store(y_ptr + pair[:, None].to(tl.int64) * d + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    y_row = (pair // (S + A) * y_slots + y_first + slot).to(tl.int64)  # token t's slot: row t * y_slots + y_first + slot
+    tl.store(y_ptr + y_row[:, None] * d + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 # tile shapes of the grouped path, by number of (token, slot) pairs, shared pieces included: BT rows per tile, then
@@ -761,10 +764,12 @@ def grouped_config(pairs: int) -> dict:
     raise AssertionError
 
 
-def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None, shared=None) -> torch.Tensor:
+def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None = None, shared=None,
+                     y: torch.Tensor | None = None, y_first: int = 0) -> torch.Tensor:
     """[T, S + a, d]: each (token, slot) pair's weighted expert output, to be summed over the
     slots. ``shared``: None or (shared_gate_up [2ms, d], shared_down [d, ms]); its pieces become
-    S extra experts that every token selects with weight 1, in slots 0..S-1."""
+    S extra experts that every token selects with weight 1, in slots 0..S-1. ``y`` [T, K, d]: the
+    slots written to y[:, y_first:y_first + S + a] instead (the others left as they are); returns y."""
     T, a = idx.shape
     d = x.shape[1]
     E, m = down.shape[0], down.shape[2]
@@ -785,14 +790,15 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
         x, gate_up, sgu, h, sorted_ids, tile_expert, P, d, m, ms, num_tiles,
         A=a, S=S, ACT=code, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
-    y = torch.empty(P, d, device=x.device, dtype=x.dtype)
+    if y is None:
+        y = torch.empty(T, S + a, d, device=x.device, dtype=x.dtype)
     bn, bk, nw, ns = cfg["down"]
     grid = (num_tiles * triton.cdiv(d, bn),)
     _grouped_down[grid](
-        h, down, sd, weight, y, sorted_ids, tile_expert, P, d, m, ms, num_tiles,
+        h, down, sd, weight, y, sorted_ids, tile_expert, P, d, m, ms, num_tiles, y.shape[1], y_first,
         A=a, S=S, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
     )
-    return y.view(T, S + a, d)  # the output of each slot: the caller sums them
+    return y  # the output of each slot: the caller sums them
 
 
 # ----------------------------------------------------------------------------- grouped_mm path (prefill)
@@ -849,9 +855,11 @@ def glu(gu: torch.Tensor, act: str, routing: tuple[torch.Tensor, torch.Tensor] |
     return h
 
 
-def dense_expert(x, gate_up, down, act: str) -> torch.Tensor:
-    """``cmoe.experts.shared_expert`` with cuBLAS for the GEMMs and one kernel for the activation."""
-    return glu(x @ gate_up.T, act) @ down.T
+def dense_expert(x, gate_up, down, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``cmoe.experts.shared_expert`` with cuBLAS for the GEMMs and one kernel for the activation;
+    ``out``: a [T, d] tensor (a view with strided rows too) to write the result into."""
+    h = glu(x @ gate_up.T, act)
+    return h @ down.T if out is None else torch.mm(h, down.T, out=out)
 
 
 @triton.jit
@@ -1083,6 +1091,16 @@ def _route_reduce_kernel(
 ROUTE_SPLIT_MAX_TOKENS = 4096  # up to this many tokens: scores split over slices of d (two kernels; fills the GPU)
 ROUTE_SPLIT_K = 256  # columns of d per slice
 ROUTE_TILE = 16  # tokens per program of the split router (the most the GEMV op takes)
+# from ROUTE_WIDE_MIN_TOKENS tokens: fewer, larger programs (H200, 2,048 tokens, d = 4,096, alone:
+# 7.6 us against 11.8 with the tiles above; docs/benchmarks/speed-h200.md, "Run ag")
+ROUTE_WIDE_MIN_TOKENS = 1024
+ROUTE_WIDE_TILE = 32
+ROUTE_WIDE_SPLIT_K = 512
+
+
+def _route_split(T: int) -> tuple[int, int]:
+    """(tokens per program, columns of d per slice) of the split router for T tokens."""
+    return (ROUTE_WIDE_TILE, ROUTE_WIDE_SPLIT_K) if T >= ROUTE_WIDE_MIN_TOKENS else (ROUTE_TILE, ROUTE_SPLIT_K)
 
 
 @torch.library.custom_op("cmoe::triton_route", mutates_args=())
@@ -1100,9 +1118,9 @@ def triton_route_op(
     x, gate, up = x.contiguous(), gate.contiguous(), up.contiguous()
     code = _ACT_CODE[act]
     if T <= ROUTE_SPLIT_MAX_TOKENS:
-        bt = ROUTE_TILE
+        bt, split_k = _route_split(T)
         tiles = triton.cdiv(T, bt)
-        bk, kper, splits = _route_slices(d)
+        bk, kper, splits = _route_slices(d, split_k)
         part = torch.empty(splits, 2, tiles * bt, be, device=x.device, dtype=torch.float32)
         _route_partial_kernel[(tiles, splits)](
             x, gate, up, part, T, d, tiles * bt, E, kper, BT=bt, BE=be, BK=bk, UPCAST=upcast, IEEE=ieee, LINEAR=linear,
@@ -1133,10 +1151,11 @@ def _route_outputs(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple:
     return idx, wt, p, max(16, triton.next_power_of_2(E)), ieee, _INTERPRET and not ieee
 
 
-def _route_slices(d: int) -> tuple[int, int, int]:
-    """(BK, columns per slice, slices) of the router's partial scores over slices of d."""
+def _route_slices(d: int, split_k: int | None = None) -> tuple[int, int, int]:
+    """(BK, columns per slice, slices) of the router's partial scores over slices of d, of
+    ``split_k`` columns (default ROUTE_SPLIT_K) rounded up to a multiple of BK."""
     bk = 64 if _INTERPRET else 128
-    kper = triton.cdiv(ROUTE_SPLIT_K, bk) * bk
+    kper = triton.cdiv(split_k or ROUTE_SPLIT_K, bk) * bk
     return bk, kper, triton.cdiv(d, kper)
 
 
@@ -1508,6 +1527,8 @@ def _check(x, idx, weight, gate_up, down, act):
 
 
 SHARED_FOLD_MAX_TOKENS = 256  # up to this many tokens the shared expert runs inside the expert kernels (H200 sweep)
+PREFILL_SLOTS = True  # beyond, on the grouped path: the shared expert's output and each routed slot's in one [T, K, d]
+# for the caller to sum (a compiled model fuses the sum into the residual add), not summed in the op
 
 
 def _plan(T: int, a: int, ms: int, m: int, E: int, gmm: bool = False) -> tuple[str, int]:
@@ -1525,12 +1546,17 @@ def _plan(T: int, a: int, ms: int, m: int, E: int, gmm: bool = False) -> tuple[s
 
 def _slots(T: int, a: int, ms: int, m: int, E: int, gmm: bool = False) -> int:
     """The op's middle dimension: one output per (token, slot) on the grouped path up to
-    SHARED_FOLD_MAX_TOKENS tokens (decode: a compiled model fuses their sum into the next kernel),
-    one per group of experts on the few-token path, else one per token (summed in the op)."""
+    SHARED_FOLD_MAX_TOKENS tokens (decode: a compiled model fuses their sum into the next kernel)
+    and beyond (the shared expert's output as one more slot; ``PREFILL_SLOTS`` off: one per token,
+    summed in the op), one per group of experts on the few-token path, else one per token."""
     path, S = _plan(T, a, ms, m, E, gmm)
-    if T == 0 or a == 0 or path in ("gemv", "grouped_mm") or T > SHARED_FOLD_MAX_TOKENS:
+    if T == 0 or a == 0 or path in ("gemv", "grouped_mm"):
         return 1
-    return S + a if path == "grouped" else _expert_groups(S, E, FEW_DOWN_GROUPS)[0]
+    if path == "few":
+        return _expert_groups(S, E, FEW_DOWN_GROUPS)[0]
+    if T <= SHARED_FOLD_MAX_TOKENS:
+        return S + a
+    return a + (ms > 0) if PREFILL_SLOTS else 1  # prefill on the grouped path: the shared expert's slot, the routed ones
 
 
 @torch.library.custom_op("cmoe::triton_experts", mutates_args=())
@@ -1542,7 +1568,9 @@ def triton_experts_op(
     over K is the FFN output (``_slots``). Up to SHARED_FOLD_MAX_TOKENS tokens the grouped path
     returns each slot's output and the few-token path one partial sum per group of experts; the
     caller sums them, so that a compiled model fuses the sum into the next kernel. Beyond (prefill),
-    the op sums them itself, with the shared expert's output, in one pass (K = 1)."""
+    the grouped path returns the shared expert's output (slot 0, if any) and each routed slot's for the
+    caller to sum in the same way (``PREFILL_SLOTS``; off: the op sums them itself in one pass, K = 1),
+    and the grouped_mm path sums them itself (K = 1)."""
     _check(x, idx, weight, gate_up, down, act)
     T, a = idx.shape
     m = down.shape[2]
@@ -1556,8 +1584,11 @@ def triton_experts_op(
     if a == 0:
         return dense_expert(x, *shared, act)[:, None]
     beside = _Beside(x, on=SHARED_STREAM and ms > 0 and not S)
+    y = None  # prefill on the grouped path: every slot's output, the shared expert's in slot 0
+    if path == "grouped" and T > SHARED_FOLD_MAX_TOKENS and PREFILL_SLOTS:
+        y = torch.empty(T, a + (ms > 0), x.shape[1], device=x.device, dtype=x.dtype)
     with torch.cuda.stream(beside.side):  # prefill: cuBLAS runs the shared expert, beside the routed path
-        extra = dense_expert(x, *shared, act) if ms and not S else None
+        extra = dense_expert(x, *shared, act, out=None if y is None else y[:, 0]) if ms and not S else None
     fold = shared if S else None
     if path == "grouped_mm":
         return _grouped_mm_experts(x, idx, weight, gate_up, down, act, extra, beside)[:, None]
@@ -1565,6 +1596,10 @@ def triton_experts_op(
         out = _gemv_experts(x, idx, weight, gate_up, down, act, shared=fold)[:, None]
     elif path == "few":
         out = _few_experts(x, idx, weight, gate_up, down, act, shared=fold)
+    elif y is not None:
+        _grouped_experts(x, idx, weight, gate_up, down, act, y=y, y_first=int(ms > 0))
+        beside.wait(extra)  # slot 0 written on the side stream
+        return y
     else:
         out = _grouped_experts(x, idx, weight, gate_up, down, act, shared=fold)
         if T > SHARED_FOLD_MAX_TOKENS:  # prefill: the slots and the shared expert summed in one pass
