@@ -348,11 +348,14 @@ def test_cmoe_mlp_triton_matches_reference(T, shared, router):
         torch.testing.assert_close(mod(x), mod.forward_reference(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("B,T,counts", [(1, 1, False), (1, 3, False), (2, 17, False), (1, 70, False), (1, 70, True)],
-                         ids=["gemv-op", "few", "grouped", "dense-op", "dense-torch"])
-def test_cmoe_mlp_compiles_fullgraph(B, T, counts, monkeypatch):
-    monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 64)  # 70 tokens: the dense path, as one op or (load counts
-    mod = _moe()  # asked for) as torch ops
+@pytest.mark.parametrize("B,T,counts,prefill", [(1, 1, False, False), (1, 3, False, False), (2, 17, False, False),
+                                                (1, 70, False, False), (1, 70, True, False), (1, 70, False, True)],
+                         ids=["gemv-op", "few", "grouped", "dense-op", "dense-torch", "grouped-prefill"])
+def test_cmoe_mlp_compiles_fullgraph(B, T, counts, prefill, monkeypatch):
+    monkeypatch.setattr(te, "DENSE_MIN_TOKENS", 10**6 if prefill else 64)  # 70 tokens: the dense path, as one op or
+    if prefill:  # (load counts asked for) as torch ops; or the grouped path beyond the fold, the shared expert's slot
+        monkeypatch.setattr(te, "SHARED_FOLD_MAX_TOKENS", 32)
+    mod = _moe()
     mod.collect_load = counts
     x = torch.randn(B, T, 36).to(DEVICE)
     torch._dynamo.reset()

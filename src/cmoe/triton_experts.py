@@ -1583,10 +1583,10 @@ def triton_experts_op(
     shared = (shared_gate_up.contiguous(), shared_down.contiguous()) if ms else None
     if a == 0:
         return dense_expert(x, *shared, act)[:, None]
-    beside = _Beside(x, on=SHARED_STREAM and ms > 0 and not S)
     y = None  # prefill on the grouped path: every slot's output, the shared expert's in slot 0
     if path == "grouped" and T > SHARED_FOLD_MAX_TOKENS and PREFILL_SLOTS:
         y = torch.empty(T, a + (ms > 0), x.shape[1], device=x.device, dtype=x.dtype)
+    beside = _Beside(x, on=SHARED_STREAM and ms > 0 and not S)  # after y's allocation: the side stream writes slot 0
     with torch.cuda.stream(beside.side):  # prefill: cuBLAS runs the shared expert, beside the routed path
         extra = dense_expert(x, *shared, act, out=None if y is None else y[:, 0]) if ms and not S else None
     fold = shared if S else None
