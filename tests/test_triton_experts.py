@@ -670,6 +670,49 @@ def test_grouped_mm_path_in_the_op_adds_the_shared_expert(monkeypatch):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("ms", [30, 0], ids=["shared", "no-shared"])
+def test_grouped_mm_rows_op_gives_each_pairs_row(monkeypatch, ms):
+    """The grouped_mm path without its sum: each pair's unweighted row at ``pos``, and the shared
+    expert's output ([0, d] without one); the op's fake matches."""
+    _prefill_sizes(monkeypatch, 20)
+    x, idx, w, gu, dn = problem(23, 2, 7, d=48, m=24, dtype=torch.bfloat16, seed=15, empty=2)
+    sgu, sd = _shared(ms, d=48, dtype=torch.bfloat16, seed=15)
+    rows, pos, extra = te.grouped_mm_rows_op(x, idx, gu, dn, "silu", sgu, sd)
+    assert rows.shape == (46, 48) and pos.shape == (23, 2) and pos.dtype == torch.int64
+    assert sorted(pos.flatten().tolist()) == list(range(46))  # every row belongs to one pair
+    for k in range(2):
+        ref = oracle(x, idx[:, k:k + 1], torch.ones(23, 1, device=DEVICE), gu, dn, "silu")  # slot k's expert, weight 1
+        assert rel_err(rows[pos[:, k]], ref) < TOL[torch.bfloat16]
+    if ms:
+        assert torch.equal(extra, te.dense_expert(x, sgu, sd, "silu"))
+    else:
+        assert extra.shape == (0, 48)
+    torch.library.opcheck(te.grouped_mm_rows_op, (x, idx, gu, dn, "silu", sgu, sd), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_grouped_mm_rows_summed_in_a_compiled_model(monkeypatch):
+    """GMM_ROWS: compiled, the grouped_mm path's rows are summed in torch ops (for inductor to fuse);
+    the same function as the op's own sum, which runs eagerly."""
+    _prefill_sizes(monkeypatch, 20)
+    monkeypatch.setattr(te, "GMM_ROWS", True)
+    x, idx, w, gu, dn = problem(23, 2, 7, d=48, m=24, dtype=torch.bfloat16, seed=16, empty=2)
+    sgu, sd = _shared(30, d=48, dtype=torch.bfloat16, seed=16)
+    calls = []
+    real = te._gmm_rows_sum
+    monkeypatch.setattr(te, "_gmm_rows_sum", lambda *args: calls.append(1) or real(*args))
+
+    def ffn(x):
+        return experts.run_experts("triton", x, idx, w, gu, dn, "silu", shared=(sgu, sd))
+
+    eager = ffn(x)
+    assert not calls  # eagerly: the op's own pass
+    torch._dynamo.reset()
+    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")(x)
+    assert calls  # traced through the rows op
+    ref = oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")
+    assert rel_err(compiled, ref) < TOL[torch.bfloat16] and rel_err(compiled, eager) < 1e-2
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the second stream exists on CUDA only")
 @pytest.mark.parametrize("gmm,a", [(True, 2), (False, 2), (False, 1)], ids=["grouped_mm", "grouped", "grouped-one-slot"])
 def test_shared_expert_beside_the_routed_path_in_a_cuda_graph(monkeypatch, gmm, a):

@@ -21,7 +21,8 @@ Three expert paths, chosen from static shapes (so a decode step captures in a CU
   routing weight and writes each pair's row.
 - prefill in bf16 on Hopper, once every expert gets ``GROUPED_MM_MIN_ROWS`` rows on average:
   torch's grouped GEMM (``torch._grouped_mm``, CUTLASS) for both projections, with our kernels
-  for the glue (the activation, and each token's weighted sum plus the shared expert in one pass).
+  for the glue (the activation, and each token's weighted sum plus the shared expert in one pass;
+  with ``GMM_ROWS``, in a compiled model, that sum in torch ops for inductor to fuse instead).
 
 Beyond ``SHARED_FOLD_MAX_TOKENS`` tokens cuBLAS runs the shared expert, on a second CUDA stream
 (``SHARED_STREAM``), beside the routed path's small kernels (sort, gather, alignment) and GEMMs; on
@@ -899,14 +900,21 @@ def sum_rows(y: torch.Tensor, a: int, pos=None, weight=None, extra=None, by_slot
     return out
 
 
-def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None, beside=None) -> torch.Tensor:
-    """[T, d]: the routed experts through two ``torch._grouped_mm`` calls, plus ``extra`` [T, d]
-    (the shared expert's output) if given; with ``beside`` (a ``_Beside`` whose side stream makes
-    ``extra``), the current stream waits for it only after the GEMMs are enqueued. Static shapes,
-    no host sync."""
+def _grouped_mm_rows(x, idx, gate_up, down, act: str, extra=None, beside=None) -> tuple:
+    """(rows [P, d]: each (token, slot) pair's expert output, unweighted, in the experts' order,
+    through two ``torch._grouped_mm`` calls; pos [P]: each pair's row; ``extra``). With ``beside``
+    (a ``_Beside`` whose side stream makes ``extra``, the shared expert's output), the current
+    stream waits for it only after the GEMMs are enqueued. Static shapes, no host sync."""
     order, ends, pos = sort_pairs(idx, gate_up.shape[0])
-    y, _ = grouped_pairs(x, idx, gate_up, down, lambda gu: glu(gu, act), (order, ends))
-    return sum_rows(y, idx.shape[1], pos, weight, beside.wait(extra) if beside is not None else extra)
+    rows, _ = grouped_pairs(x, idx, gate_up, down, lambda gu: glu(gu, act), (order, ends))
+    return rows, pos, beside.wait(extra) if beside is not None else extra
+
+
+def _grouped_mm_experts(x, idx, weight, gate_up, down, act: str, extra=None, beside=None) -> torch.Tensor:
+    """[T, d]: the routed experts through ``torch._grouped_mm`` (``_grouped_mm_rows``), each
+    token's rows weighted and summed, plus ``extra`` [T, d] if given, in one pass (``sum_rows``)."""
+    rows, pos, extra = _grouped_mm_rows(x, idx, gate_up, down, act, extra, beside)
+    return sum_rows(rows, idx.shape[1], pos, weight, extra)
 
 
 SHARED_STREAM = True  # prefill and the dense path: the shared expert on a second CUDA stream, beside the routed path (H200)
@@ -1617,6 +1625,48 @@ def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None)
     return x.new_empty(T, _slots(T, a, ms, m, down.shape[0], grouped_mm_ok(x, x.shape[1], m)), x.shape[1])
 
 
+GMM_ROWS = False  # compiled, on the grouped_mm path: the rows op and the sum in torch ops (see below); not timed yet
+
+
+@torch.library.custom_op("cmoe::triton_grouped_mm_rows", mutates_args=())
+def grouped_mm_rows_op(
+    x: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: str,
+    shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouped_mm path without its weighted sum: (rows [T*a, d], each pair's expert output,
+    unweighted, in the experts' order; pos [T, a] int64, each pair's row; the shared expert's output
+    [T, d], computed by cuBLAS on the second stream, or [0, d] without one). The FFN output is
+    ``extra[t] + sum_k weight[t, k] * rows[pos[t, k]]``, which a compiled model fuses into the
+    kernel that uses it (``triton_experts`` with ``GMM_ROWS``)."""
+    _check(x, idx, None, gate_up, down, act)
+    T, a = idx.shape
+    ms = 0 if shared_down is None else shared_down.shape[1]
+    x, idx, gate_up, down = x.contiguous(), idx.contiguous(), gate_up.contiguous(), down.contiguous()
+    beside = _Beside(x, on=SHARED_STREAM and ms > 0)
+    with torch.cuda.stream(beside.side):
+        extra = dense_expert(x, shared_gate_up.contiguous(), shared_down.contiguous(), act) if ms else x.new_empty(0, x.shape[1])
+    rows, pos, extra = _grouped_mm_rows(x, idx, gate_up, down, act, extra, beside)
+    return rows, pos.view(T, a).long(), extra
+
+
+@grouped_mm_rows_op.register_fake
+def _(x, idx, gate_up, down, act, shared_gate_up=None, shared_down=None):
+    T, a = idx.shape
+    shared = shared_down is not None and shared_down.shape[1] > 0
+    return x.new_empty(T * a, x.shape[1]), idx.new_empty(T, a, dtype=torch.int64), x.new_empty(T if shared else 0, x.shape[1])
+
+
+def _gmm_rows_sum(x, idx, weight, gate_up, down, act: str, shared_gate_up=None, shared_down=None) -> torch.Tensor:
+    """[T, d]: ``grouped_mm_rows_op``'s rows weighted and summed per token in torch ops, in
+    ``sum_rows``'s order (the shared expert's output first, then slot by slot, in float32, rounded
+    once), for inductor to fuse the gather and the sum into the kernel that uses the output."""
+    rows, pos, extra = grouped_mm_rows_op(x, idx, gate_up, down, act, shared_gate_up, shared_down)
+    y = extra.float() if extra.shape[0] else torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+    for k in range(idx.shape[1]):
+        y = y + rows[pos[:, k]].float() * weight[:, k, None].float()
+    return y.to(x.dtype)
+
+
 @register("triton")
 def triton_experts(x, idx, weight, gate_up, down, act: str, shared_gate_up=None, shared_down=None) -> torch.Tensor:
     """Triton kernels: a GEMV over the selected experts for few pairs, a grouped GEMM beyond;
@@ -1632,5 +1682,9 @@ def triton_experts(x, idx, weight, gate_up, down, act: str, shared_gate_up=None,
     if a > 0 and use_dense(T, ms + a * m, ms + E * m):
         y = dense_experts(x, idx, weight, gate_up, down, act)
         return y + shared_expert(x, shared_gate_up, shared_down, act) if ms else y
+    # compiled, on the grouped_mm path (prefill): the rows op, and their weighted sum in torch ops, which
+    # inductor fuses into the residual add instead of the op's own pass (GMM_ROWS; eagerly, that pass)
+    if a > 0 and GMM_ROWS and torch.compiler.is_compiling() and _plan(T, a, ms, m, E, grouped_mm_ok(x, x.shape[1], m))[0] == "grouped_mm":
+        return _gmm_rows_sum(x, idx, weight, gate_up, down, act, shared_gate_up, shared_down)
     y = triton_experts_op(x, idx, weight, gate_up, down, act, shared_gate_up, shared_down)
     return y[:, 0] if y.shape[1] == 1 else y.sum(1)  # bf16 too: summed in float32, rounded once
