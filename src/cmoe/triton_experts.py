@@ -957,6 +957,16 @@ class _Beside:
                 t.record_stream(self.main)
 
 
+def _shared_beside(x, shared, act: str, out: torch.Tensor | None = None) -> tuple[_Beside, torch.Tensor | None]:
+    """The shared expert (``shared``: (gate_up, down), or None for none) run by cuBLAS on a second
+    stream (``SHARED_STREAM``), beside what the current stream enqueues next: (the ``_Beside`` whose
+    ``wait`` joins it, its output [T, d] or None); ``out``: where to write that output."""
+    beside = _Beside(x, on=SHARED_STREAM and shared is not None)
+    with torch.cuda.stream(beside.side):
+        extra = dense_expert(x, *shared, act, out=out) if shared is not None else None
+    return beside, extra
+
+
 # ----------------------------------------------------------------------------- fused router
 @triton.jit
 def _route_scores(x_ptr, g_ptr, u_ptr, rows, r_ok, offs_e, e_ok, d, k_start, k_stop,
@@ -1594,9 +1604,8 @@ def triton_experts_op(
     y = None  # prefill on the grouped path: every slot's output, the shared expert's in slot 0
     if path == "grouped" and T > SHARED_FOLD_MAX_TOKENS and PREFILL_SLOTS:
         y = torch.empty(T, a + (ms > 0), x.shape[1], device=x.device, dtype=x.dtype)
-    beside = _Beside(x, on=SHARED_STREAM and ms > 0 and not S)  # after y's allocation: the side stream writes slot 0
-    with torch.cuda.stream(beside.side):  # prefill: cuBLAS runs the shared expert, beside the routed path
-        extra = dense_expert(x, *shared, act, out=None if y is None else y[:, 0]) if ms and not S else None
+    # prefill: cuBLAS runs the shared expert beside the routed path (after y's allocation: it writes slot 0)
+    beside, extra = _shared_beside(x, None if S else shared, act, out=None if y is None else y[:, 0])
     fold = shared if S else None
     if path == "grouped_mm":
         return _grouped_mm_experts(x, idx, weight, gate_up, down, act, extra, beside)[:, None]
@@ -1642,11 +1651,9 @@ def grouped_mm_rows_op(
     T, a = idx.shape
     ms = 0 if shared_down is None else shared_down.shape[1]
     x, idx, gate_up, down = x.contiguous(), idx.contiguous(), gate_up.contiguous(), down.contiguous()
-    beside = _Beside(x, on=SHARED_STREAM and ms > 0)
-    with torch.cuda.stream(beside.side):
-        extra = dense_expert(x, shared_gate_up.contiguous(), shared_down.contiguous(), act) if ms else x.new_empty(0, x.shape[1])
+    beside, extra = _shared_beside(x, (shared_gate_up.contiguous(), shared_down.contiguous()) if ms else None, act)
     rows, pos, extra = _grouped_mm_rows(x, idx, gate_up, down, act, extra, beside)
-    return rows, pos.view(T, a).long(), extra
+    return rows, pos.view(T, a).long(), extra if ms else x.new_empty(0, x.shape[1])
 
 
 @grouped_mm_rows_op.register_fake
