@@ -690,12 +690,14 @@ def test_grouped_mm_rows_op_gives_each_pairs_row(monkeypatch, ms):
     torch.library.opcheck(te.grouped_mm_rows_op, (x, idx, gu, dn, "silu", sgu, sd), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_grouped_mm_rows_summed_in_a_compiled_model(monkeypatch):
-    """GMM_ROWS: compiled, the grouped_mm path's rows are summed in torch ops (for inductor to fuse);
-    the same function as the op's own sum, which runs eagerly."""
+@pytest.mark.parametrize("a", [2, 3])
+def test_grouped_mm_rows_summed_in_a_compiled_model(monkeypatch, a):
+    """GMM_ROWS_MAX_SLOTS: compiled, for top-k up to it, the grouped_mm path's rows are summed in
+    torch ops (for inductor to fuse); the same function as the op's own sum, which runs eagerly and
+    for larger top-k."""
     _prefill_sizes(monkeypatch, 20)
-    monkeypatch.setattr(te, "GMM_ROWS", True)
-    x, idx, w, gu, dn = problem(23, 2, 7, d=48, m=24, dtype=torch.bfloat16, seed=16, empty=2)
+    monkeypatch.setattr(te, "GMM_ROWS_MAX_SLOTS", 2)
+    x, idx, w, gu, dn = problem(23, a, 7, d=48, m=24, dtype=torch.bfloat16, seed=16, empty=2)
     sgu, sd = _shared(30, d=48, dtype=torch.bfloat16, seed=16)
     calls = []
     real = te._gmm_rows_sum
@@ -708,7 +710,7 @@ def test_grouped_mm_rows_summed_in_a_compiled_model(monkeypatch):
     assert not calls  # eagerly: the op's own pass
     torch._dynamo.reset()
     compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")(x)
-    assert calls  # traced through the rows op
+    assert bool(calls) == (a <= 2)  # traced through the rows op up to GMM_ROWS_MAX_SLOTS slots
     ref = oracle(x, idx, w, gu, dn, "silu") + shared_oracle(x, sgu, sd, "silu")
     assert rel_err(compiled, ref) < TOL[torch.bfloat16] and rel_err(compiled, eager) < 1e-2
 

@@ -22,7 +22,8 @@ Three expert paths, chosen from static shapes (so a decode step captures in a CU
 - prefill in bf16 on Hopper, once every expert gets ``GROUPED_MM_MIN_ROWS`` rows on average:
   torch's grouped GEMM (``torch._grouped_mm``, CUTLASS) for both projections, with our kernels
   for the glue (the activation, and each token's weighted sum plus the shared expert in one pass;
-  with ``GMM_ROWS``, in a compiled model, that sum in torch ops for inductor to fuse instead).
+  in a compiled model, for top-k up to ``GMM_ROWS_MAX_SLOTS``, that sum in torch ops for inductor to
+  fuse into the residual add instead).
 
 Beyond ``SHARED_FOLD_MAX_TOKENS`` tokens cuBLAS runs the shared expert, on a second CUDA stream
 (``SHARED_STREAM``), beside the routed path's small kernels (sort, gather, alignment) and GEMMs; on
@@ -1634,7 +1635,12 @@ def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None)
     return x.new_empty(T, _slots(T, a, ms, m, down.shape[0], grouped_mm_ok(x, x.shape[1], m)), x.shape[1])
 
 
-GMM_ROWS = False  # compiled, on the grouped_mm path: the rows op and the sum in torch ops (see below); not timed yet
+# Compiled, on the grouped_mm path, for top-k up to GMM_ROWS_MAX_SLOTS (0: never): the rows op, and
+# their weighted sum in torch ops, which inductor fuses into the residual add, instead of the op's own
+# pass. H200, 4 layers, 3 rounds, medians (docs/benchmarks/speed-h200.md, "Run ah"): top-2 shorter in
+# every round at 1x2048 (S2A2E8: 21 us on llama2-7b, 34 us on llama3-8b) and 1.3 % shorter at 8x2048
+# (llama3-8b S2A2E16, 6 rounds); top-3 (S3A3E8) 30-34 us longer at 1x2048 on both shapes.
+GMM_ROWS_MAX_SLOTS = 2
 
 
 @torch.library.custom_op("cmoe::triton_grouped_mm_rows", mutates_args=())
@@ -1646,7 +1652,7 @@ def grouped_mm_rows_op(
     unweighted, in the experts' order; pos [T, a] int64, each pair's row; the shared expert's output
     [T, d], computed by cuBLAS on the second stream, or [0, d] without one). The FFN output is
     ``extra[t] + sum_k weight[t, k] * rows[pos[t, k]]``, which a compiled model fuses into the
-    kernel that uses it (``triton_experts`` with ``GMM_ROWS``)."""
+    kernel that uses it (``triton_experts``, up to ``GMM_ROWS_MAX_SLOTS``)."""
     _check(x, idx, None, gate_up, down, act)
     T, a = idx.shape
     ms = 0 if shared_down is None else shared_down.shape[1]
@@ -1690,8 +1696,8 @@ def triton_experts(x, idx, weight, gate_up, down, act: str, shared_gate_up=None,
         y = dense_experts(x, idx, weight, gate_up, down, act)
         return y + shared_expert(x, shared_gate_up, shared_down, act) if ms else y
     # compiled, on the grouped_mm path (prefill): the rows op, and their weighted sum in torch ops, which
-    # inductor fuses into the residual add instead of the op's own pass (GMM_ROWS; eagerly, that pass)
-    if a > 0 and GMM_ROWS and torch.compiler.is_compiling() and _plan(T, a, ms, m, E, grouped_mm_ok(x, x.shape[1], m))[0] == "grouped_mm":
+    # inductor fuses into the residual add instead of the op's own pass (GMM_ROWS_MAX_SLOTS; eagerly, that pass)
+    if 0 < a <= GMM_ROWS_MAX_SLOTS and torch.compiler.is_compiling() and _plan(T, a, ms, m, E, grouped_mm_ok(x, x.shape[1], m))[0] == "grouped_mm":
         return _gmm_rows_sum(x, idx, weight, gate_up, down, act, shared_gate_up, shared_down)
     y = triton_experts_op(x, idx, weight, gate_up, down, act, shared_gate_up, shared_down)
     return y[:, 0] if y.shape[1] == 1 else y.sum(1)  # bf16 too: summed in float32, rounded once
