@@ -267,11 +267,12 @@ def test_sort_pairs_orders_by_expert_stably(monkeypatch, T, a, E, kernel):
     expert's end row, and each pair's row; one chunk and many, experts that get no pair."""
     _, idx, *_ = problem(T, a, E, empty=2)
     _align_variant(monkeypatch, kernel)
-    order, ends, pos = te.sort_pairs(idx, E)
+    tokens, ends, pos = te.sort_pairs(idx, E)
     flat = idx.reshape(-1).cpu()
-    assert torch.equal(order.long().cpu(), torch.sort(flat, stable=True).indices)
+    order = torch.sort(flat, stable=True).indices
+    assert tokens.dtype == torch.int32 and torch.equal(tokens.long().cpu(), order // a)
     assert ends.dtype == torch.int32 and torch.equal(ends.long().cpu(), torch.bincount(flat, minlength=E).cumsum(0))
-    assert torch.equal(pos.long().cpu()[order.long().cpu()], torch.arange(T * a))
+    assert pos.dtype == torch.int64 and torch.equal(pos.cpu()[order], torch.arange(T * a))
 
 
 # ----------------------------------------------------------------------------- fused router

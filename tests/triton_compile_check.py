@@ -81,7 +81,7 @@ def cases():
                 bn, bk, _, _ = cfg["down"]
                 yield (f"masked_down {dt} S={S} T<={limit}", te._masked_down, mptrs,
                        dict(A=3, S=S, K=4, ACT=0, BT=bt, BN=bn, BK=bk, BE=16, LINEAR=linear, **upcast_ieee))
-    gptrs = {"x": "*bf16", "pos_ptr": "*i32", "idx_ptr": "*i64", "wt_ptr": "*fp32"}  # the glue of the prefill paths
+    gptrs = {"x": "*bf16", "pos_ptr": "*i64", "idx_ptr": "*i64", "wt_ptr": "*fp32"}  # the glue of the prefill paths
     for act in range(len(te._ACT_CODE)):
         yield (f"glu_rows *bf16 act={act}", te._glu_rows, gptrs, dict(A=0, ACT=act, BM=1024))
     for dt in ("*bf16", "*fp32"):  # the dense path: the routing weights applied with the activation
@@ -96,7 +96,7 @@ def cases():
             yield (f"align_place S={S} one={one}", te._align_place_kernel, {"x": "*i32", "idx_ptr": "*i64"},
                    dict(A=3, S=S, BT=64, CHUNK=256, EB=16, CB=32, TB=512, ONE=one))
     for one in (False, True):  # the grouped_mm path's sort
-        yield (f"sort_place one={one}", te._sort_place_kernel, {"x": "*i32", "idx_ptr": "*i64"},
+        yield (f"sort_place one={one}", te._sort_place_kernel, {"x": "*i32", "idx_ptr": "*i64", "pos_ptr": "*i64"},
                dict(A=2, CHUNK=256, EB=16, CB=32, ONE=one))
     for xdt, wdt in (("*bf16", "*bf16"), ("*bf16", "*fp32"), ("*fp32", "*fp32")):
         ieee = wdt == "*fp32" or xdt == "*fp32"

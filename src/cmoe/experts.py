@@ -126,22 +126,20 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return fn(a, b, offs=offs)
 
 
-def grouped_pairs(x, idx, gate_up, down, glu_fn, order_ends=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [P, d], order [P]): the P = T*a (token, slot) pairs sorted by expert on the device (pair
-    ``order[i]`` is row i, its token ``order[i] // a``) and each one's expert output, unweighted,
-    through two grouped GEMMs; ``glu_fn`` turns the gate/up rows [P, 2m] into [P, m]. No host sync.
-    ``order_ends``: (order, ends [E] int32, each expert's end row) when the caller sorted already."""
-    a, E = idx.shape[1], gate_up.shape[0]
-    order, ends = order_ends if order_ends is not None else expert_order(idx, E)
-    gu = grouped_mm(x.index_select(0, order // a), gate_up.transpose(1, 2), ends)  # [P, 2m]
-    return grouped_mm(glu_fn(gu), down.transpose(1, 2), ends), order
+def grouped_pairs(x, tokens, ends, gate_up, down, glu_fn) -> torch.Tensor:
+    """[P, d]: the expert output, unweighted, of each of P (token, slot) pairs sorted by expert
+    (row i is a pair of token ``tokens[i]``; expert e's rows end at ``ends[e]``), through two
+    grouped GEMMs; ``glu_fn`` turns the gate/up rows [P, 2m] into [P, m]. No host sync."""
+    gu = grouped_mm(x.index_select(0, tokens), gate_up.transpose(1, 2), ends)  # [P, 2m]
+    return grouped_mm(glu_fn(gu), down.transpose(1, 2), ends)
 
 
 @register("grouped")
 def grouped_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     """Many tokens: sort (token, slot) pairs by expert on the device, two grouped GEMMs."""
     a = idx.shape[1]
-    y, order = grouped_pairs(x, idx, gate_up, down, lambda gu: _glu(gu, act))
+    order, ends = expert_order(idx, gate_up.shape[0])
+    y = grouped_pairs(x, order // a, ends, gate_up, down, lambda gu: _glu(gu, act))
     y = y * weight.reshape(-1)[order, None].to(y.dtype)
     return torch.zeros_like(x).index_add_(0, order // a, y)
 

@@ -589,18 +589,18 @@ def _align_place_kernel(
 
 @triton.jit
 def _sort_place_kernel(
-    idx_ptr, counts_ptr, order_ptr, pos_ptr, ends_ptr,  # idx [T, A]; counts [NCH, EB]; order, pos [P]; ends [E]
+    idx_ptr, counts_ptr, tok_ptr, pos_ptr, ends_ptr,  # idx [T, A]; counts [NCH, EB]; tok, pos [P]; ends [E]
     P, E, NCH,
     A: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, ONE: tl.constexpr,
 ):
     """Program c places the pairs of chunk c without padding: row = the pairs of the experts before
-    its own + its rank; order[row] = pair, pos[pair] = row. Program 0 also writes each expert's
-    end row (ends)."""
+    its own + its rank; tok[row] = the pair's token, pos[pair] = row. Program 0 also writes each
+    expert's end row (ends)."""
     c = tl.program_id(0)
     p, ok, rank, hit, counts = _chunk_ranks(idx_ptr, counts_ptr, c, P, NCH, A, 0, CHUNK, EB, CB, ONE)
     ends = tl.cumsum(counts, 0)
     row = rank + tl.sum(hit * (ends - counts)[None, :], 1)
-    tl.store(order_ptr + row, p, mask=ok)
+    tl.store(tok_ptr + row, p // A, mask=ok)
     tl.store(pos_ptr + p, row, mask=ok)
     if c == 0:
         offs_e = tl.arange(0, EB)
@@ -627,22 +627,24 @@ def _chunk_counts(idx: torch.Tensor, P: int, eb: int, chunk: int, nch: int, shar
 
 def sort_pairs(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The P = T*a (token, slot) pairs of ``idx [T, a]`` sorted by expert, stably, without
-    padding: ``order [P]`` (the pair of each row), ``ends [E] int32`` (each expert's end row) and
-    ``pos [P]`` (the row of each pair). The counting and placing kernels while their counts fit
-    ALIGN_KERNEL_MAX_COUNTS, else torch ops. Static shapes, no host sync."""
+    padding: ``tokens [P] int32`` (the token of each row's pair), ``ends [E] int32`` (each expert's
+    end row) and ``pos [P] int64`` (the row of each pair; int64, so that torch indexes with it as it
+    is). The counting and placing kernels while their counts fit ALIGN_KERNEL_MAX_COUNTS, else
+    torch ops. Static shapes, no host sync."""
     T, a = idx.shape
     P = T * a
     eb, chunk, nch, cb = _chunks(P, num_experts)
     if nch * eb > ALIGN_KERNEL_MAX_COUNTS:
         order, ends = expert_order(idx, num_experts)
-        return order, ends, torch.empty_like(order).scatter_(0, order, torch.arange(P, device=idx.device))
+        pos = torch.empty(P, device=idx.device, dtype=torch.int64).scatter_(0, order, torch.arange(P, device=idx.device))
+        return (order // a).to(torch.int32), ends, pos
     idx = idx.contiguous()
-    order = torch.empty(P, device=idx.device, dtype=torch.int32)
-    pos = torch.empty(P, device=idx.device, dtype=torch.int32)
+    tokens = torch.empty(P, device=idx.device, dtype=torch.int32)
+    pos = torch.empty(P, device=idx.device, dtype=torch.int64)
     ends = torch.empty(num_experts, device=idx.device, dtype=torch.int32)
-    _sort_place_kernel[(nch,)](idx, _chunk_counts(idx, P, eb, chunk, nch), order, pos, ends, P, num_experts, nch,
+    _sort_place_kernel[(nch,)](idx, _chunk_counts(idx, P, eb, chunk, nch), tokens, pos, ends, P, num_experts, nch,
                                A=a, CHUNK=chunk, EB=eb, CB=cb, ONE=nch == 1, num_warps=4)
-    return order, ends, pos
+    return tokens, ends, pos
 
 
 def align(idx: torch.Tensor, num_experts: int, bt: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -906,8 +908,8 @@ def _grouped_mm_rows(x, idx, gate_up, down, act: str, extra=None, beside=None) -
     through two ``torch._grouped_mm`` calls; pos [P]: each pair's row; ``extra``). With ``beside``
     (a ``_Beside`` whose side stream makes ``extra``, the shared expert's output), the current
     stream waits for it only after the GEMMs are enqueued. Static shapes, no host sync."""
-    order, ends, pos = sort_pairs(idx, gate_up.shape[0])
-    rows, _ = grouped_pairs(x, idx, gate_up, down, lambda gu: glu(gu, act), (order, ends))
+    tokens, ends, pos = sort_pairs(idx, gate_up.shape[0])
+    rows = grouped_pairs(x, tokens, ends, gate_up, down, lambda gu: glu(gu, act))
     return rows, pos, beside.wait(extra) if beside is not None else extra
 
 
@@ -1659,7 +1661,7 @@ def grouped_mm_rows_op(
     x, idx, gate_up, down = x.contiguous(), idx.contiguous(), gate_up.contiguous(), down.contiguous()
     beside, extra = _shared_beside(x, (shared_gate_up.contiguous(), shared_down.contiguous()) if ms else None, act)
     rows, pos, extra = _grouped_mm_rows(x, idx, gate_up, down, act, extra, beside)
-    return rows, pos.view(T, a).long(), extra if ms else x.new_empty(0, x.shape[1])
+    return rows, pos.view(T, a), extra if ms else x.new_empty(0, x.shape[1])
 
 
 @grouped_mm_rows_op.register_fake
