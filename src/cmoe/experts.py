@@ -139,9 +139,10 @@ def grouped_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     """Many tokens: sort (token, slot) pairs by expert on the device, two grouped GEMMs."""
     a = idx.shape[1]
     order, ends = expert_order(idx, gate_up.shape[0])
-    y = grouped_pairs(x, order // a, ends, gate_up, down, lambda gu: _glu(gu, act))
+    tokens = order // a
+    y = grouped_pairs(x, tokens, ends, gate_up, down, lambda gu: _glu(gu, act))
     y = y * weight.reshape(-1)[order, None].to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, order // a, y)
+    return torch.zeros_like(x).index_add_(0, tokens, y)
 
 
 def _load_triton() -> None:
