@@ -150,16 +150,6 @@ def summary(results: dict, arms: list[Arm], models: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _prefill_shape(parser, text: str | None) -> tuple[int, int] | None:
-    """"BxS" -> (B, S); None -> None (decode)."""
-    if text is None:
-        return None
-    b, x, s = text.partition("x")
-    if not (x and b.isdigit() and s.isdigit() and int(b) > 0 and int(s) > 0):
-        parser.error(f"--prefill {text!r}: expected BxS with positive integers, e.g. 1x2048")
-    return int(b), int(s)
-
-
 @torch.no_grad()
 def prefill_ms(model, shape: tuple[int, int], repeats: int) -> float:
     """One compiled prefill forward of ``shape`` (B, S) random tokens (seeded: the same ids for every
@@ -185,12 +175,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--prefill", metavar="BxS", help="time a prefill forward of B x S tokens instead of decode steps")
+    p.add_argument("--prefill", metavar="BxS", type=bench.shape_arg, help="time a prefill forward of B x S tokens instead of decode steps")
     p.add_argument("--recompile", action="store_true", help="recompile the decode step (or prefill) for every arm")
     p.add_argument("--arm", action="append", required=True, help="NAME or 'NAME: TARGET = VALUE; ...' (repeat the option)")
     args = p.parse_args(argv)
     arms = [parse_arm(a) for a in args.arm]
-    prefill = _prefill_shape(p, args.prefill)
     if len({a.name for a in arms}) < len(arms):
         p.error("arm names must differ")
     if not torch.cuda.is_available():
@@ -207,14 +196,14 @@ def main(argv=None) -> int:
     print(f"# command: python benchmarks/bench_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}", flush=True)
 
     def step_ms(model) -> float:
-        if prefill:
-            return prefill_ms(model, prefill, args.repeats)
+        if args.prefill:
+            return prefill_ms(model, args.prefill, args.repeats)
         drop_static_caches(model)  # captured again under this arm's settings
         torch.cuda.empty_cache()
         t = time_generation(model, args.batch, args.prompt, new_tokens=args.steps, repeats=args.repeats)
         return t.decode_s * 1e3
 
-    cell = f"prefill {args.prefill}" if prefill else f"b={args.batch}"
+    cell = f"prefill {args.prefill[0]}x{args.prefill[1]}" if args.prefill else f"b={args.batch}"
     for shape in args.models:
         models = {"dense": bench.build_dense(shape, layers=args.layers)}
         for config in args.configs:

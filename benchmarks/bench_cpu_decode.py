@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from cmoe.bench import shape_arg
+
 
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (median)")
     p.add_argument("--rounds", type=int, default=3, help="dense/MoE alternations per config (median ratio)")
     p.add_argument("--calib", default="wiki")
-    p.add_argument("--calib-shape", default="8x512", help="calibration windows NxS")
+    p.add_argument("--calib-shape", type=shape_arg, default="8x512", help="calibration windows NxS")
     p.add_argument("--compile", action="store_true", help="compile the decode step (inductor, CPU)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         t = time_generation(model, 1, args.prompt, args.new_tokens, compile=args.compile, repeats=args.repeats)
         return t.decode_tokens_per_s
 
-    n, s = (int(v) for v in args.calib_shape.split("x"))
+    n, s = args.calib_shape
     calib = calibration_tokens(tok, args.calib, n, s)
     rows = []
     base = tps(dense)

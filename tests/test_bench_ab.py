@@ -94,13 +94,11 @@ def test_main_needs_a_gpu_and_distinct_arm_names(monkeypatch, capsys):
 
 
 def test_prefill_cells_are_read_as_batch_by_length(monkeypatch, capsys):
-    parser = ab.argparse.ArgumentParser()
-    assert ab._prefill_shape(parser, None) is None
-    assert ab._prefill_shape(parser, "8x2048") == (8, 2048)
-    for bad in ("2048", "1x", "0x2048", "1x-5", "ax2"):
-        with pytest.raises(SystemExit):
-            ab._prefill_shape(parser, bad)
-        assert "expected BxS" in capsys.readouterr().err
+    assert ab.bench.shape_arg("8x2048") == (8, 2048)
     monkeypatch.setattr(ab.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit):  # checked before the GPU is looked for
-        ab.main(["--prefill", "2048", "--arm", "a"])
+    for bad in ("2048", "1x", "0x2048", "1x-5", "ax2"):
+        with pytest.raises(ab.argparse.ArgumentTypeError, match="expected BxS"):
+            ab.bench.shape_arg(bad)
+        with pytest.raises(SystemExit):  # checked before the GPU is looked for
+            ab.main(["--prefill", bad, "--arm", "a"])
+        assert "expected BxS" in capsys.readouterr().err

@@ -61,6 +61,15 @@ PROMPT = 512
 
 
 # ----------------------------------------------------------------------------- machine ceilings
+def shape_arg(text: str) -> tuple[int, int]:
+    """An argparse ``type`` for "BxS" arguments (batch x sequence, calibration windows x length):
+    "8x2048" -> (8, 2048); positive integers only."""
+    b, x, s = text.partition("x")
+    if not (x and b.isdigit() and s.isdigit() and int(b) > 0 and int(s) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BxS with positive integers, e.g. 1x2048")
+    return int(b), int(s)
+
+
 def measure_ceilings(device="cuda") -> dict:
     """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured now."""
     from triton.testing import do_bench
@@ -559,7 +568,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--configs", nargs="+", default=CONFIGS)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real depth)")
-    p.add_argument("--prefill", nargs="*", default=[f"{b}x{s}" for b, s in PREFILL], help="BxS cells")
+    p.add_argument("--prefill", nargs="*", type=shape_arg, default=PREFILL, help="BxS cells")
     p.add_argument("--decode-batches", nargs="*", type=int, default=DECODE_BATCHES)
     p.add_argument("--prompt", type=int, default=PROMPT)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
@@ -573,11 +582,10 @@ def main(argv=None) -> int:
     p.add_argument("--coordinate-descent", action="store_true",
                    help="compile everything (dense and MoE alike) with inductor's coordinate-descent tuning, which also "
                         "turns one-row matmuls (the dense FFN at batch 1) into inductor's own reductions; compiles take longer")
-    p.add_argument("--calib", default="2x512", help="calibration tokens NxS for convert_")
+    p.add_argument("--calib", type=shape_arg, default="2x512", help="calibration tokens NxS for convert_")
     p.add_argument("--out", default=None, help="write the table (markdown) and raw rows (json) here")
     args = p.parse_args(argv)
-    args.prefill = [tuple(int(v) for v in c.split("x")) for c in args.prefill]
-    calib = tuple(int(v) for v in args.calib.split("x"))
+    calib = args.calib
     if not torch.cuda.is_available():
         print("bench_speed needs a CUDA GPU", file=sys.stderr)
         return 2
