@@ -125,3 +125,90 @@ def test_coordinate_descent_flag_sets_inductor_for_every_model_of_the_run(monkey
             bench.main(["--models", "llama2-7b", *flag])
         assert seen.pop() is want
         assert inductor_config.coordinate_descent_tuning is before
+
+
+def test_interleaved_alternates_the_order_every_round():
+    calls = []
+
+    def timer(name):
+        def run():
+            calls.append(name)
+            return float(len(calls))
+        return run
+
+    out = bench.interleaved({"dense": timer("dense"), "moe": timer("moe")}, rounds=3)
+    assert calls == ["dense", "moe", "moe", "dense", "dense", "moe"]
+    assert out == {"dense": [1.0, 4.0, 5.0], "moe": [2.0, 3.0, 6.0]}
+
+
+def test_ratio_is_the_median_of_the_rounds_ratios():
+    """Timed alternately, a converted row's ratio is the median of dense/moe per round (not the
+    ratio of the medians), with its range; the table prints both."""
+    dense = row("dense", 2.0e-3, 4e9)
+    moe = row("S1A1E8", 1.6e-3, 1e9)
+    moe.extra = {"rounds": [1.0e-3, 1.6e-3, 2.0e-3], "dense_rounds": [1.9e-3, 2.0e-3, 3.0e-3]}
+    bench.fill_ratios([dense, moe], CEIL)
+    assert moe.ratio == pytest.approx(1.5) and moe.extra["ratio_range"] == pytest.approx((1.25, 1.9))
+    assert dense.ratio == 1.0
+    line = bench.table([dense, moe], CEIL).splitlines()[3]
+    assert "| 1.5000x | 1.2500-1.9000x (3) |" in line
+
+
+def test_target_misses_names_each_cell_under_a_target():
+    def cell(config, batch, moe_s, limit_bytes):
+        r = bench.Row("m", config, "decode", batch, 512, moe_s, bench.Cost(limit_bytes, 1e9))
+        return r
+
+    rows = [cell("dense", 1, 2.0e-3, 8e9), cell("A", 1, 1.2e-3, 5e9),  # limit 1.6x, ratio 1.667x: met
+            cell("B", 1, 1.35e-3, 5e9),  # 1.481x of 1.6x: 92.6 %, met at b=1 (90 %)
+            cell("C", 1, 1.45e-3, 5e9),  # 1.379x: 86.2 %, under 90 % at b=1
+            cell("dense", 256, 3.0e-3, 8e9), cell("D", 256, 3.1e-3, 8e9)]  # 0.968x dense: slower
+    bench.fill_ratios(rows, CEIL)
+    n, misses = bench.target_misses(rows)
+    assert n == 4 and [m.split(":")[0] for m in misses] == ["m C decode b=1", "m D decode b=256"]
+    # C must reach 0.9 * 1.6 = 1.44x: 2.0 / 1.44 ms, so 1.45 - 1.3889 ms short
+    assert "about 61 us short of 1.4400x" in misses[0]
+    assert "about 85 us short of 0.9950x" in misses[1]  # 3.1 - 3.0 / 0.995 ms
+
+
+def test_main_times_every_config_alternately_with_one_dense_model(monkeypatch, tmp_path):
+    """The run's structure, with the GPU work replaced: one dense model per shape, paired with each
+    converted model in turn, cell by cell; dense's row is the median of its times over every pairing,
+    each converted row the median of its own, its ratio the median of the rounds' ratios."""
+    built, timed = [], []
+    dense_s = iter([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5])
+
+    class Model:
+        def __init__(self):
+            self.config = None
+            built.append(self)
+
+    def time_cell(models, cell, args, log, checked):
+        timed.append((cell, tuple(models)))
+        if cell[0] == "decode" and args.rounds == 1:  # the warm-up
+            return {"dense": [9.0]}, ""
+        if cell[0] == "prefill" and args.rounds == 1:
+            return {"dense": [9.0]}, "graph"
+        d = [next(dense_s) for _ in range(args.rounds)]
+        return {"dense": d, **{n: [0.5 * t for t in d] for n in models if n != "dense"}}, ""
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: CEIL)
+    monkeypatch.setattr(bench, "build_dense", lambda name, layers=None: Model())
+    monkeypatch.setattr(bench, "convert_model_", lambda model, config, calib: "converted")
+    monkeypatch.setattr(bench, "check_fast_path", lambda model: 0.0)
+    monkeypatch.setattr(bench, "weight_bytes", lambda model: {"total": 1, "router_and_bookkeeping": 0})
+    monkeypatch.setattr(bench, "time_cell", time_cell)
+    monkeypatch.setattr(bench, "cell_cost", lambda model, cell, moe, args: (bench.Cost(1e9, 1e9), bench.Cost(1e9, 1e9), None))
+    assert bench.main(["--models", "llama2-7b", "--configs", "S2A2E8", "S1A1E8", "--prefill", "--decode-batches", "1", "8",
+                       "--rounds", "3", "--out", str(tmp_path)]) == 0
+    assert len(built) == 3  # dense once, then each converted model
+    paired = [(c, names) for c, names in timed if len(names) == 2]
+    assert paired == [(("decode", b, 512), ("dense", config)) for config in ("S2A2E8", "S1A1E8") for b in (1, 8)]
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [(r["config"], r["batch"]) for r in rows] == [("dense", 1), ("dense", 8), ("S2A2E8", 1), ("S2A2E8", 8), ("S1A1E8", 1), ("S1A1E8", 8)]
+    assert rows[0]["extra"]["rounds"] == [1.0, 1.1, 1.2, 2.0, 2.1, 2.2] and rows[0]["seconds"] == pytest.approx(1.6)
+    assert rows[3]["extra"]["rounds"] == pytest.approx([0.65, 0.7, 0.75]) and rows[3]["ratio"] == pytest.approx(2.0)

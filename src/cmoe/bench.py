@@ -10,11 +10,16 @@ then time a prefill (the forward compiled with ``fullgraph=True``, replayed as a
 attention through SDPA's causal kernel, ``cmoe.attention``) and greedy decode steps
 (``cmoe.generation``: static KV cache, decode step compiled with ``fullgraph=True`` and
 captured in one CUDA graph), each with q/k/v as one GEMM (``cmoe.fused_qkv``): the same treatment
-for dense and MoE. Per cell: time, ratio to dense, achieved GB/s (decode) or TFLOP/s (prefill),
-and the roofline limit ratio
+for dense and MoE. One dense model per shape is timed alternately with each converted model in
+turn, cell by cell, ``--rounds`` rounds (the order reversed every other round), so that the GPU's
+drift over the run (its clock under the power cap) falls on both alike. Per cell: time (median
+over the rounds; dense's over every round of every pairing), ratio to dense (the median of the
+rounds' ratios) and their range, achieved GB/s (decode) or TFLOP/s (prefill), and the roofline
+limit ratio
 max(bytes/BW, flops/peak)_dense / (...)_moe, with the copy bandwidth BW and the bf16 matmul
 peak measured at the start of the run, and bytes counting only the experts the routing touches
-in that step.
+in that step. Below the table: how many converted cells meet issue 3's targets, and for each that
+misses, by how much (``target_misses``).
 
 With ``--coordinate-descent`` every compile of the run, dense and MoE alike, uses inductor's
 coordinate-descent tuning, under which inductor also runs one-row matmuls (the dense FFN at batch 1)
@@ -34,8 +39,11 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +66,16 @@ CONFIGS = ["S3A3E8", "S2A2E8", "S1A1E8", "S2A2E16"]
 PREFILL = [(1, 2048), (8, 2048)]
 DECODE_BATCHES = [1, 8, 32, 128, 256]
 PROMPT = 512
+ROUNDS = 3  # each converted model timed alternately with dense, this many rounds per cell (median)
+PREFILL_REPLAYS = 5  # replays of a captured prefill per round (median)
+# ... after replaying it untimed for this long: under its power cap the H200's clock falls within a
+# fraction of a second of prefill work, by more for dense than for MoE, so that without it a model's
+# time depended on what ran before it (llama2-7b dense at 1x2048, one process: 5.09-5.94 ms)
+PREFILL_SETTLE_S = 0.3
+# issue 3's targets, per MoE cell: its ratio to dense at least NOT_SLOWER ("no cell slower than dense",
+# within the run-to-run spread), and at least TARGET_SHARE of its roofline limit ratio (decode at batch 1:
+# TARGET_SHARE_B1)
+NOT_SLOWER, TARGET_SHARE, TARGET_SHARE_B1 = 0.995, 0.85, 0.90
 
 
 # ----------------------------------------------------------------------------- machine ceilings
@@ -308,9 +326,9 @@ def check_compiled_prefill(model, fwd, ids, log, label: str) -> None:
 
 
 @torch.no_grad()
-def time_prefill(fwd, repeats: int = 5) -> tuple[float, str]:
-    """Median time of the prefill ``fwd()``, replayed as a CUDA graph (host overhead excluded,
-    for dense and MoE alike); plain timing if capture fails."""
+def capture_prefill(fwd) -> tuple[Callable[[], object], str]:
+    """``fwd()`` compiled (if it is) and captured as a CUDA graph: (its replay, "graph"), so that
+    timing excludes host overhead, for dense and MoE alike; (``fwd``, "no graph") if capture fails."""
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -321,18 +339,29 @@ def time_prefill(fwd, repeats: int = 5) -> tuple[float, str]:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fwd()
-        t = _median_time(g.replay, repeats)
-        del g
-        return t, "graph"
+        return g.replay, "graph"
     except Exception as e:  # noqa: BLE001
         print(f"  (prefill graph capture failed: {type(e).__name__}: {str(e)[:120]}; timing without it)")
         torch.cuda.synchronize()
-        return _median_time(fwd, repeats), "no graph"
+        return fwd, "no graph"
 
 
-def _median_time(fn, repeats: int) -> float:
+def time_prefill(fwd, repeats: int = PREFILL_REPLAYS) -> tuple[float, str]:
+    """Median time of the prefill ``fwd()`` over ``repeats`` replays (``capture_prefill``), after
+    ``PREFILL_SETTLE_S`` of untimed replays."""
+    run, how = capture_prefill(fwd)
+    return _median_time(run, repeats, PREFILL_SETTLE_S), how
+
+
+def _median_time(fn, repeats: int, settle_s: float = 0.0) -> float:
+    """Median time of ``fn()`` over ``repeats`` calls, after calling it untimed once, or for at
+    least ``settle_s`` seconds."""
+    t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
+    while time.perf_counter() - t0 < settle_s:
+        fn()
+        torch.cuda.synchronize()
     ts = []
     for _ in range(repeats):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -345,6 +374,18 @@ def _median_time(fn, repeats: int) -> float:
     return ts[len(ts) // 2]
 
 
+def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each timer called once per round, in turn, in reverse order every other round, so that drift
+    over the run (the GPU's clock under its power cap, run ah) falls on every model alike:
+    {name: [its time in each round]}."""
+    names = list(timers)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            out[n].append(timers[n]())
+    return out
+
+
 @dataclass
 class Row:
     model: str
@@ -352,62 +393,150 @@ class Row:
     kind: str  # "prefill" | "decode"
     batch: int
     seq: int
-    seconds: float
+    seconds: float  # median over the rounds (dense: over every round of every pairing)
     cost: Cost
-    ratio: float | None = None  # dense time / this time
+    ratio: float | None = None  # dense time / this time: the median of the rounds' ratios
     limit: float | None = None  # roofline limit ratio
     ffn: Cost | None = None  # the FFNs' share of ``cost``
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "rounds": seconds per round; "dense_rounds": dense's, the same rounds
 
 
-def warm_up(model, name: str, args, ceil, log) -> None:
+Cell = tuple[str, int, int]  # ("prefill", B, S) or ("decode", B, prompt length)
+
+
+def cells_of(args) -> list[Cell]:
+    return [("prefill", b, s) for b, s in args.prefill] + [("decode", b, args.prompt) for b in args.decode_batches]
+
+
+def cell_name(cell: Cell) -> str:
+    kind, b, s = cell
+    return f"prefill {b}x{s}" if kind == "prefill" else f"decode b={b}"
+
+
+@torch.no_grad()
+def time_prefill_cell(models: dict, cell: Cell, args, log, checked: set) -> tuple[dict[str, list[float]], str]:
+    """The models' prefill of ``cell`` on the same random ids, each compiled and captured first,
+    then timed in turn over ``args.rounds`` rounds (``interleaved``; ``PREFILL_REPLAYS`` replays per
+    round, median, after ``PREFILL_SETTLE_S`` of untimed replays). The compiled forward is checked against the eager one (and profiled with
+    ``--profile``) once per model, the first time it meets the cell (``checked``)."""
+    from cmoe.attention import unpadded_prefill
+
+    _, b, s = cell
+    compiled = not (args.no_compile or args.eager_prefill)
+    gen = torch.Generator("cuda").manual_seed(0)
+    ids = torch.randint(0, next(iter(models.values())).config.vocab_size, (b, s), device="cuda", generator=gen)
+    runs, how = {}, ""
+    # random ids: no padding, SDPA's causal kernel; q/k/v as one GEMM (as in generation), dense and MoE alike
+    with unpadded_prefill(), ExitStack() as fused:
+        for name, model in models.items():
+            fused.enter_context(fused_qkv(model))
+            fwd = prefill_forward(model, ids, compile=compiled)
+            runs[name], how = capture_prefill(fwd)
+            how = ("compiled" if compiled else "eager") + ", " + how
+            if (name, cell) not in checked:
+                checked.add((name, cell))
+                if compiled:
+                    check_compiled_prefill(model, fwd, ids, log, f"{name} {cell_name(cell)}")
+                if getattr(args, "profile", False):
+                    profile_kernels(fwd, 2, log, f"{name} {cell_name(cell)} ({how})")
+        times = interleaved({n: (lambda run=run: _median_time(run, PREFILL_REPLAYS, PREFILL_SETTLE_S)) for n, run in runs.items()}, args.rounds)
+    del runs
+    torch.cuda.empty_cache()
+    return times, how
+
+
+@torch.no_grad()
+def time_decode_cell(models: dict, cell: Cell, args, log, checked: set) -> dict[str, list[float]]:
+    """The models' greedy decode step at ``cell``'s batch after its prompt (``time_generation``:
+    ``args.repeats`` x ``args.steps`` timed steps per round, median), each compiled and captured
+    first, then timed in turn over ``args.rounds`` rounds (``interleaved``); their static caches
+    dropped after. Profiled with ``--profile`` once per model (``checked``)."""
+    from cmoe.generation import time_generation
+
+    _, b, prompt = cell
+
+    def timer(model) -> Callable[[], float]:
+        return lambda: time_generation(model, b, prompt, new_tokens=args.steps, compile=not args.no_compile, repeats=args.repeats).decode_s
+
+    for name, model in models.items():
+        timer(model)()  # compiled and captured, untimed
+        if (name, cell) not in checked:
+            checked.add((name, cell))
+            if getattr(args, "profile", False):
+                profile_decode(model, b, prompt, args.steps, log)
+    times = interleaved({n: timer(m) for n, m in models.items()}, args.rounds)
+    for model in models.values():
+        drop_static_caches(model)
+    torch.cuda.empty_cache()
+    return times
+
+
+def time_cell(models: dict, cell: Cell, args, log, checked: set) -> tuple[dict[str, list[float]], str]:
+    """{model name: its time in each round} for one cell, and how prefill was run ("" for decode)."""
+    if cell[0] == "prefill":
+        return time_prefill_cell(models, cell, args, log, checked)
+    return time_decode_cell(models, cell, args, log, checked), ""
+
+
+def cell_cost(model, cell: Cell, moe: bool, args) -> tuple[Cost, Cost, list[int] | None]:
+    """(the cell's roofline cost, the FFNs' share of it, the routed experts each layer touched in a
+    decode step: None for prefill and for models without routing)."""
+    kind, b, s = cell
+    if kind == "prefill":
+        return step_cost(model, b, s, s, None), ffn_cost(model, b, s), None
+    touched = touched_experts(model, b, s) if moe else None
+    ctx = s + args.steps // 2
+    return step_cost(model, b, 1, ctx, touched), ffn_cost(model, b, 1, touched), touched
+
+
+def warm_up(model, args, log) -> None:
     """Run the first prefill cell and the first decode cell untimed: a process's first timed cell
     ran slow on the H200 (run o: dense decode b=128 2.204 ms first, 2.111 ms at the end of the same
-    run), and dense is timed first, so without this the ratios would favour the MoE rows."""
+    run)."""
     t0 = time.perf_counter()
-    first = argparse.Namespace(**{**vars(args), "prefill": args.prefill[:1], "decode_batches": args.decode_batches[:1], "profile": False})
-    bench_model(model, name, "dense", first, ceil, lambda msg: None)
+    quiet = argparse.Namespace(**{**vars(args), "profile": False, "rounds": 1})
+    first = cells_of(argparse.Namespace(prefill=args.prefill[:1], decode_batches=args.decode_batches[:1], prompt=args.prompt))
+    for cell in first:
+        time_cell({"dense": model}, cell, quiet, lambda msg: None, set())
     log(f"  warm-up (untimed): the first prefill and decode cells, {time.perf_counter() - t0:.0f} s")
 
 
-def bench_model(model, name: str, config: str, args, ceil, log) -> list[Row]:
-    from cmoe.attention import unpadded_prefill
-    from cmoe.generation import time_generation
-
+def bench_pair(dense, model, name: str, config: str, args, log, checked: set, dense_times: dict) -> list[Row]:
+    """Every cell of ``config`` (``model``; None: dense alone), timed alternately with ``dense``
+    (``time_cell``); ``dense_times[cell]`` collects dense's time of every round. ``config``'s rows."""
     rows = []
+    models = {"dense": dense} if model is None else {"dense": dense, config: model}
     moe = config not in ("dense", NO_FFN)
-    for b, s in args.prefill:
-        ids = torch.randint(0, model.config.vocab_size, (b, s), device="cuda")
-        compiled = not (args.no_compile or args.eager_prefill)
-        # random ids: no padding, SDPA's causal kernel; q/k/v as one GEMM (as in generation), dense and MoE alike
-        with unpadded_prefill(), fused_qkv(model):
-            fwd = prefill_forward(model, ids, compile=compiled)
-            t, how = time_prefill(fwd)
-            how = ("compiled" if compiled else "eager") + ", " + how
-            if compiled:
-                check_compiled_prefill(model, fwd, ids, log, f"prefill {b}x{s}")
-            if getattr(args, "profile", False):
-                profile_kernels(fwd, 2, log, f"prefill {b}x{s} ({how})")
-        cost = step_cost(model, b, s, s, None)
-        rows.append(Row(name, config, "prefill", b, s, t, cost, ffn=ffn_cost(model, b, s), extra={"timing": how}))
-        log(f"  prefill {b}x{s}: {t * 1e3:.2f} ms  {cost.flops / t / 1e12:.0f} TFLOP/s ({how})")
-        del fwd
-        torch.cuda.empty_cache()
-    for b in args.decode_batches:
+    for cell in cells_of(args):
         t0 = time.perf_counter()
-        tg = time_generation(model, b, args.prompt, new_tokens=args.steps, compile=not args.no_compile, repeats=args.repeats)
-        if getattr(args, "profile", False):
-            profile_decode(model, b, args.prompt, args.steps, log)
-        touched = touched_experts(model, b, args.prompt) if moe else None
-        ctx = args.prompt + args.steps // 2
-        cost = step_cost(model, b, 1, ctx, touched)
-        rows.append(Row(name, config, "decode", b, args.prompt, tg.decode_s, cost, ffn=ffn_cost(model, b, 1, touched), extra={"touched": touched}))
+        times, how = time_cell(models, cell, args, log, checked)
+        dense_times.setdefault(cell, []).extend(times["dense"])
+        if model is None:
+            continue
+        cost, ffn, touched = cell_cost(model, cell, moe, args)
+        t = statistics.median(times[config])
+        kind, b, seq = cell
+        extra = {"rounds": times[config], "dense_rounds": times["dense"], "timing": how} if how else {"rounds": times[config], "dense_rounds": times["dense"]}
+        if touched:
+            extra["touched"] = touched
+        rows.append(Row(name, config, kind, b, seq, t, cost, ffn=ffn, extra=extra))
+        per_round = " ".join(f"{d / m:.4f}x" for d, m in zip(times["dense"], times[config]))
+        rate = f"{cost.flops / t / 1e12:.0f} TFLOP/s" if kind == "prefill" else f"{b / t:.0f} tok/s  {cost.bytes / t / 1e9:.0f} GB/s"
         log(
-            f"  decode b={b}: {tg.decode_s * 1e3:.3f} ms/step  {b / tg.decode_s:.0f} tok/s  "
-            f"{cost.bytes / tg.decode_s / 1e9:.0f} GB/s  (wall {time.perf_counter() - t0:.0f} s)" + (f"  touched/layer avg {sum(touched) / len(touched):.1f}" if touched else "")
+            f"  {cell_name(cell)}: {t * 1e3:.4f} ms  {rate}  vs dense, per round: {per_round}  (wall {time.perf_counter() - t0:.0f} s)"
+            + (f"  touched/layer avg {sum(touched) / len(touched):.1f}" if touched else "")
         )
-        drop_static_caches(model)
-        torch.cuda.empty_cache()
+    return rows
+
+
+def dense_rows(dense, name: str, args, dense_times: dict) -> list[Row]:
+    """Dense's rows: per cell, the median of its times over every round of every pairing."""
+    rows = []
+    for cell in cells_of(args):
+        if cell in dense_times:
+            cost, ffn, _ = cell_cost(dense, cell, False, args)
+            t = statistics.median(dense_times[cell])
+            rows.append(Row(name, "dense", cell[0], cell[1], cell[2], t, cost, ffn=ffn, extra={"rounds": dense_times[cell]}))
     return rows
 
 
@@ -464,38 +593,64 @@ def _cell(r: Row) -> tuple:
 
 
 def _cell_name(r: Row) -> str:
-    return f"prefill {r.batch}x{r.seq}" if r.kind == "prefill" else f"decode b={r.batch}"
+    return cell_name((r.kind, r.batch, r.seq))
 
 
 def fill_ratios(rows: list[Row], ceil: dict) -> None:
+    """Each row's ratio to dense (the median of the per-round ratios where the rounds were timed
+    alternately, ``extra["dense_rounds"]``; also their range, ``extra["ratio_range"]``) and its
+    roofline limit ratio."""
     dense = {_cell(r): r for r in rows if r.config == "dense"}
     for r in rows:
         d = dense.get(_cell(r))
         if d is None or r.config == NO_FFN:
             continue
-        r.ratio = d.seconds / r.seconds
+        per_round = [a / b for a, b in zip(r.extra.get("dense_rounds", ()), r.extra.get("rounds", ()))]
+        r.ratio = statistics.median(per_round) if per_round else d.seconds / r.seconds
+        if per_round:
+            r.extra["ratio_range"] = (min(per_round), max(per_round))
         r.limit = d.cost.time(ceil) / r.cost.time(ceil)
+
+
+def target_misses(rows: list[Row]) -> tuple[int, list[str]]:
+    """(how many MoE cells there are, one line per cell that misses a target of issue 3: at least
+    NOT_SLOWER x dense, TARGET_SHARE of the roofline limit ratio, TARGET_SHARE_B1 at decode batch 1;
+    with the time per step it would have to lose, estimated from its median time and ratio)."""
+    n, misses = 0, []
+    for r in rows:
+        if r.config in ("dense", NO_FFN) or r.ratio is None or r.limit is None:
+            continue
+        n += 1
+        share = TARGET_SHARE_B1 if (r.kind, r.batch) == ("decode", 1) else TARGET_SHARE
+        need = max(NOT_SLOWER, share * r.limit)
+        if r.ratio < need:
+            short = r.seconds * (1 - r.ratio / need)
+            misses.append(f"{r.model} {r.config} {_cell_name(r)}: {r.ratio:.4f}x, {100 * r.ratio / r.limit:.1f} % of its limit "
+                          f"{r.limit:.3f}x; about {short * 1e6:.0f} us short of {need:.4f}x")
+    return n, misses
 
 
 def table(rows: list[Row], ceil: dict) -> str:
     out = [
-        "| model | config | cell | time | vs dense | achieved | roofline limit | % of limit |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | config | cell | time | vs dense | rounds (vs dense) | achieved | roofline limit | % of limit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if r.config == NO_FFN:
             continue
         cell = _cell_name(r)
         if r.kind == "prefill":
-            tm = f"{r.seconds * 1e3:.1f} ms"
+            tm = f"{r.seconds * 1e3:.3f} ms"
             ach = f"{r.cost.flops / r.seconds / 1e12:.0f} TFLOP/s"
         else:
-            tm = f"{r.batch / r.seconds:.0f} tok/s ({r.seconds * 1e3:.2f} ms)"
+            tm = f"{r.batch / r.seconds:.0f} tok/s ({r.seconds * 1e3:.4f} ms)"
             ach = f"{r.cost.bytes / r.seconds / 1e9:.0f} GB/s"
-        ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
-        lim = f"{r.limit:.2f}x" if r.limit else "-"
+        ratio = f"{r.ratio:.4f}x" if r.ratio else "-"
+        lo_hi = r.extra.get("ratio_range")
+        spread = f"{lo_hi[0]:.4f}-{lo_hi[1]:.4f}x ({len(r.extra['rounds'])})" if lo_hi else "-"
+        lim = f"{r.limit:.3f}x" if r.limit else "-"
         pct = f"{100 * r.ratio / r.limit:.1f} %" if r.ratio and r.limit else "-"
-        out.append(f"| {r.model} | {r.config} | {cell} | {tm} | {ratio} | {ach} | {lim} | {pct} |")
+        out.append(f"| {r.model} | {r.config} | {cell} | {tm} | {ratio} | {spread} | {ach} | {lim} | {pct} |")
     return "\n".join(out)
 
 
@@ -531,6 +686,11 @@ def split_table(rows: list[Row], ceil: dict) -> str:
 def report(rows, memory, ceil, dev, out, log=None, notes=()) -> None:
     fill_ratios(rows, ceil)
     md = table(rows, ceil)
+    n, misses = target_misses(rows)
+    if n:
+        md += (f"\n\nTargets: {n - len(misses)} of {n} MoE cells meet every target (at least {NOT_SLOWER}x dense, "
+               f"{TARGET_SHARE:.0%} of the roofline limit ratio, {TARGET_SHARE_B1:.0%} at decode batch 1)"
+               + "".join(f"\n- {m}" for m in misses))
     split = split_table(rows, ceil)
     if split:
         md += "\n\nWhere the time goes (the rest of the forward timed with every FFN removed):\n\n" + split
@@ -572,7 +732,10 @@ def main(argv=None) -> int:
     p.add_argument("--decode-batches", nargs="*", type=int, default=DECODE_BATCHES)
     p.add_argument("--prompt", type=int, default=PROMPT)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="timed decode repeats per round (median)")
+    p.add_argument("--rounds", type=int, default=ROUNDS,
+                   help="rounds per cell: each converted model is timed alternately with dense, and its ratio to dense "
+                        "is the median of the rounds' ratios")
     p.add_argument("--no-compile", action="store_true", help="run prefill and decode eagerly (decode without CUDA graphs)")
     p.add_argument("--eager-prefill", action="store_true", help="run the prefill forward eagerly (still replayed as a CUDA graph)")
     p.add_argument("--profile", action="store_true", help="print a kernel profile of each prefill and decode cell")
@@ -608,36 +771,47 @@ def main(argv=None) -> int:
     log("# " + "\n# ".join(notes))
     ceil = measure_ceilings()
     log(f"ceilings: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s")
+    # every model of a shape compiles the same prefill and decode functions: one cache entry per model and cell
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     rows: list[Row] = []
     memory = []
+    checked: set = set()
     with torch._inductor.config.patch(settings):
         for name in args.models:
-            for config in ["dense"] + ([NO_FFN] if args.rest else []) + list(args.configs):
-                t0 = time.perf_counter()
-                model = build_dense(name, layers=args.layers)
-                how = "dense"
-                if config == NO_FFN:
-                    strip_ffn_(model)
-                    how = "every FFN replaced by zeros"
-                elif config != "dense":
-                    how = convert_model_(model, config, calib)
-                    err = check_fast_path(model)
-                    log(f"  check vs loop oracle: max rel err {err:.2e}")
-                    if not err < 3e-2:
-                        log(f"  CHECK FAILED: {name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
-                        notes.append(f"{name} {config}: CHECK FAILED vs loop oracle ({err:.2e})")
-                wb = weight_bytes(model)
-                if config != NO_FFN:
-                    memory.append((name, config, wb))
-                notes.append(f"{name} {config}: {how}")
-                log(f"{name} {config}: built ({how}) in {time.perf_counter() - t0:.1f} s; weights {wb['total'] / 2**30:.2f} GiB")
-                if not rows:
-                    warm_up(model, name, args, ceil, log)
-                rows += bench_model(model, name, config, args, ceil, log)
+            dense = build_dense(name, layers=args.layers)
+            memory.append((name, "dense", weight_bytes(dense)))
+            log(f"{name} dense: built; weights {memory[-1][2]['total'] / 2**30:.2f} GiB")
+            warm_up(dense, args, log)
+            dense_times: dict = {}
+            shape_rows: list[Row] = []
+            for config in ([NO_FFN] if args.rest else []) + list(args.configs) or [None]:
+                model = None
+                if config is not None:
+                    t0 = time.perf_counter()
+                    model = build_dense(name, layers=args.layers)
+                    if config == NO_FFN:
+                        strip_ffn_(model)
+                        how = "every FFN replaced by zeros"
+                    else:
+                        how = convert_model_(model, config, calib)
+                        err = check_fast_path(model)
+                        log(f"  check vs loop oracle: max rel err {err:.2e}")
+                        if not err < 3e-2:
+                            log(f"  CHECK FAILED: {name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
+                            notes.append(f"{name} {config}: CHECK FAILED vs loop oracle ({err:.2e})")
+                        memory.append((name, config, weight_bytes(model)))
+                    notes.append(f"{name} {config}: {how}")
+                    log(f"{name} {config}: built ({how}) in {time.perf_counter() - t0:.1f} s; timed alternately with dense, "
+                        f"{args.rounds} rounds per cell")
+                shape_rows += bench_pair(dense, model, name, config, args, log, checked, dense_times)
                 del model
-                torch._dynamo.reset()  # drop compiled graphs (and the CUDA graphs holding this model's memory)
                 torch.cuda.empty_cache()
-                report(rows, memory, ceil, dev, args.out, log=None, notes=notes)  # partial results, in case the run is cut
+                log(f"  GPU memory allocated after it: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+                report(rows + dense_rows(dense, name, args, dense_times) + shape_rows, memory, ceil, dev, args.out, notes=notes)
+            rows += dense_rows(dense, name, args, dense_times) + shape_rows
+            del dense
+            torch._dynamo.reset()  # drop compiled graphs
+            torch.cuda.empty_cache()
     report(rows, memory, ceil, dev, args.out, log=log, notes=notes)
     return 0
 
