@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -67,11 +68,13 @@ PREFILL = [(1, 2048), (8, 2048)]
 DECODE_BATCHES = [1, 8, 32, 128, 256]
 PROMPT = 512
 ROUNDS = 3  # each converted model timed alternately with dense, this many rounds per cell (median)
-PREFILL_REPLAYS = 5  # replays of a captured prefill per round (median)
-# ... after replaying it untimed for this long: under its power cap the H200's clock falls within a
-# fraction of a second of prefill work, by more for dense than for MoE, so that without it a model's
-# time depended on what ran before it (llama2-7b dense at 1x2048, one process: 5.09-5.94 ms)
-PREFILL_SETTLE_S = 0.3
+# A prefill's time in one round: the mean over a block of at least PREFILL_REPLAYS replays and about
+# PREFILL_BLOCK_S, after PREFILL_SETTLE_S of untimed replays. Under its power cap the H200's clock falls
+# within a fraction of a second of prefill work and then swings by 10-35 % (nvidia-smi every 250 ms:
+# 1,275-1,980 MHz), so a model's time depended on what ran before it (llama2-7b dense at 1x2048, one
+# process, 5 replays after the other model's: 5.09-5.94 ms); settled, and over a block, it is the
+# sustained rate of that work under the cap, for dense and MoE alike.
+PREFILL_REPLAYS, PREFILL_SETTLE_S, PREFILL_BLOCK_S = 5, 0.3, 0.5
 # issue 3's targets, per MoE cell: its ratio to dense at least NOT_SLOWER ("no cell slower than dense",
 # within the run-to-run spread), and at least TARGET_SHARE of its roofline limit ratio (decode at batch 1:
 # TARGET_SHARE_B1)
@@ -347,31 +350,28 @@ def capture_prefill(fwd) -> tuple[Callable[[], object], str]:
 
 
 def time_prefill(fwd, repeats: int = PREFILL_REPLAYS) -> tuple[float, str]:
-    """Median time of the prefill ``fwd()`` over ``repeats`` replays (``capture_prefill``), after
-    ``PREFILL_SETTLE_S`` of untimed replays."""
+    """The prefill ``fwd()``'s time (``capture_prefill``, then ``block_time``: at least ``repeats``
+    replays)."""
     run, how = capture_prefill(fwd)
-    return _median_time(run, repeats, PREFILL_SETTLE_S), how
+    return block_time(run, repeats), how
 
 
-def _median_time(fn, repeats: int, settle_s: float = 0.0) -> float:
-    """Median time of ``fn()`` over ``repeats`` calls, after calling it untimed once, or for at
-    least ``settle_s`` seconds."""
-    t0 = time.perf_counter()
-    fn()
+def block_time(fn, min_calls: int = PREFILL_REPLAYS, settle_s: float = PREFILL_SETTLE_S, block_s: float = PREFILL_BLOCK_S) -> float:
+    """Mean time of ``fn()`` (GPU work) over one block of at least ``min_calls`` calls lasting about
+    ``block_s``, after calling it untimed, once or for ``settle_s``."""
+    t0, n = time.perf_counter(), 0
+    while n == 0 or time.perf_counter() - t0 < settle_s:
+        fn()
+        torch.cuda.synchronize()
+        n += 1
+    calls = max(min_calls, math.ceil(block_s * n / (time.perf_counter() - t0)))
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(calls):
+        fn()
+    e1.record()
     torch.cuda.synchronize()
-    while time.perf_counter() - t0 < settle_s:
-        fn()
-        torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeats):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) / 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return e0.elapsed_time(e1) / 1e3 / calls
 
 
 def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -416,8 +416,8 @@ def cell_name(cell: Cell) -> str:
 @torch.no_grad()
 def time_prefill_cell(models: dict, cell: Cell, args, log, checked: set) -> tuple[dict[str, list[float]], str]:
     """The models' prefill of ``cell`` on the same random ids, each compiled and captured first,
-    then timed in turn over ``args.rounds`` rounds (``interleaved``; ``PREFILL_REPLAYS`` replays per
-    round, median, after ``PREFILL_SETTLE_S`` of untimed replays). The compiled forward is checked against the eager one (and profiled with
+    then timed in turn over ``args.rounds`` rounds (``interleaved``; ``block_time`` per round). The
+    compiled forward is checked against the eager one (and profiled with
     ``--profile``) once per model, the first time it meets the cell (``checked``)."""
     from cmoe.attention import unpadded_prefill
 
@@ -439,7 +439,7 @@ def time_prefill_cell(models: dict, cell: Cell, args, log, checked: set) -> tupl
                     check_compiled_prefill(model, fwd, ids, log, f"{name} {cell_name(cell)}")
                 if getattr(args, "profile", False):
                     profile_kernels(fwd, 2, log, f"{name} {cell_name(cell)} ({how})")
-        times = interleaved({n: (lambda run=run: _median_time(run, PREFILL_REPLAYS, PREFILL_SETTLE_S)) for n, run in runs.items()}, args.rounds)
+        times = interleaved({n: (lambda run=run: block_time(run)) for n, run in runs.items()}, args.rounds)
     del runs
     torch.cuda.empty_cache()
     return times, how
