@@ -1,13 +1,14 @@
 """Speed of converted vs dense LLaMA-shaped models on one GPU, against the roofline.
 
-    python benchmarks/bench_speed.py                       # the whole table (H200: about 9 min per model)
+    python benchmarks/bench_speed.py --layers 4            # the whole table (H200: about 7 min per model shape)
     python benchmarks/bench_speed.py --models llama2-7b --configs S1A1E8 --decode-batches 1
 
 For each model shape (random bf16 weights) and each CMoE config (converted with
 ``cmoe.convert_`` on random calibration tokens, so the router is the one the converter
 computes from the hidden states it sees): check the fast MoE path against the loop oracle,
 then time a prefill (the forward compiled with ``fullgraph=True``, replayed as a CUDA graph;
-attention through SDPA's causal kernel, ``cmoe.attention``) and greedy decode steps
+attention through SDPA's causal kernel, ``cmoe.attention``; its sustained rate under the GPU's
+power cap, ``block_time``) and greedy decode steps
 (``cmoe.generation``: static KV cache, decode step compiled with ``fullgraph=True`` and
 captured in one CUDA graph), each with q/k/v as one GEMM (``cmoe.fused_qkv``): the same treatment
 for dense and MoE. One dense model per shape is timed alternately with each converted model in
