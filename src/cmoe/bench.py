@@ -517,7 +517,9 @@ def bench_pair(dense, model, name: str, config: str, args, log, checked: set, de
         cost, ffn, touched = cell_cost(model, cell, moe, args)
         t = statistics.median(times[config])
         kind, b, seq = cell
-        extra = {"rounds": times[config], "dense_rounds": times["dense"], "timing": how} if how else {"rounds": times[config], "dense_rounds": times["dense"]}
+        extra = {"rounds": times[config], "dense_rounds": times["dense"]}
+        if how:
+            extra["timing"] = how
         if touched:
             extra["touched"] = touched
         rows.append(Row(name, config, kind, b, seq, t, cost, ffn=ffn, extra=extra))
