@@ -1552,6 +1552,11 @@ PREFILL_SLOTS = True  # beyond, on the grouped path: the shared expert's output 
 # for the caller to sum (a compiled model fuses the sum into the residual add), not summed in the op
 
 
+def _prefill_slots(path: str, T: int) -> bool:
+    """Whether the op returns the prefill's slots (``PREFILL_SLOTS``) for T tokens on ``path``."""
+    return PREFILL_SLOTS and path == "grouped" and T > SHARED_FOLD_MAX_TOKENS
+
+
 def _plan(T: int, a: int, ms: int, m: int, E: int, gmm: bool = False) -> tuple[str, int]:
     """(path, S) for T tokens, top-a routing over E experts and a shared expert of width ms (0:
     none): the kernels that run, and how many m-wide shared pieces they fold in (0: cuBLAS runs the
@@ -1577,7 +1582,7 @@ def _slots(T: int, a: int, ms: int, m: int, E: int, gmm: bool = False) -> int:
         return _expert_groups(S, E, FEW_DOWN_GROUPS)[0]
     if T <= SHARED_FOLD_MAX_TOKENS:
         return S + a
-    return a + (ms > 0) if PREFILL_SLOTS else 1  # prefill on the grouped path: the shared expert's slot, the routed ones
+    return a + (ms > 0) if _prefill_slots(path, T) else 1  # prefill on the grouped path: the shared expert's slot, the routed ones
 
 
 @torch.library.custom_op("cmoe::triton_experts", mutates_args=())
@@ -1605,7 +1610,7 @@ def triton_experts_op(
     if a == 0:
         return dense_expert(x, *shared, act)[:, None]
     y = None  # prefill on the grouped path: every slot's output, the shared expert's in slot 0
-    if path == "grouped" and T > SHARED_FOLD_MAX_TOKENS and PREFILL_SLOTS:
+    if _prefill_slots(path, T):
         y = torch.empty(T, a + (ms > 0), x.shape[1], device=x.device, dtype=x.dtype)
     # prefill: cuBLAS runs the shared expert beside the routed path (after y's allocation: it writes slot 0)
     beside, extra = _shared_beside(x, None if S else shared, act, out=None if y is None else y[:, 0])
