@@ -25,6 +25,10 @@ replays, after 0.3 s of untimed ones: ``cmoe.bench.block_time``), instead of dec
     python benchmarks/bench_ab.py --models llama2-7b --configs S1A1E8 --prefill 1x2048 --rounds 3 --recompile \
         --arm default --arm "fold: cmoe.triton_experts.SHARED_FOLD_MAX_TOKENS = 4096"
 
+A decode step's time is ``cmoe.generation.time_decode``'s steady rate: passes of ``--steps`` steps over
+the same positions after one prefill, 0.3 s of them untimed, then the mean over a block of about 0.5 s
+and at least ``--repeats`` passes.
+
 Prints the hardware, one line per (round, arm), then the median over rounds per arm: the time of a
 decode step (or prefill) of each model and each converted model's ratio to dense in the same arm.
 """
@@ -173,8 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=32, help="decode steps per pass (over the same positions)")
+    p.add_argument("--repeats", type=int, default=3, help="decode: timed passes, at least; prefill: timed replays, at least")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--prefill", metavar="BxS", type=bench.shape_arg, help="time a prefill forward of B x S tokens instead of decode steps")
     p.add_argument("--recompile", action="store_true", help="recompile the decode step (or prefill) for every arm")
@@ -189,7 +193,7 @@ def main(argv=None) -> int:
     import transformers
     import triton
 
-    from cmoe.generation import drop_static_caches, time_generation
+    from cmoe.generation import drop_static_caches, time_decode
 
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {torch.cuda.get_device_name()}; "
           f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
@@ -201,8 +205,7 @@ def main(argv=None) -> int:
             return prefill_ms(model, args.prefill, args.repeats)
         drop_static_caches(model)  # captured again under this arm's settings
         torch.cuda.empty_cache()
-        t = time_generation(model, args.batch, args.prompt, new_tokens=args.steps, repeats=args.repeats)
-        return t.decode_s * 1e3
+        return time_decode(model, args.batch, args.prompt, steps=args.steps, min_passes=args.repeats) * 1e3
 
     cell = f"prefill {args.prefill[0]}x{args.prefill[1]}" if args.prefill else f"b={args.batch}"
     for shape in args.models:

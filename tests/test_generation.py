@@ -86,6 +86,39 @@ def test_time_generation(tiny):
     assert t.prefill_s > 0 and t.decode_s > 0 and t.decode_tokens_per_s > 0
 
 
+def test_decode_passes_rewind_to_the_prompts_end(tiny):
+    """Every pass of ``decode_passes`` decodes the same tokens from the prompt's end: the tokens
+    greedy generation gives after the same prompt."""
+    steps = 5
+    with generation.generation_setup(tiny), torch.no_grad():
+        one_pass = generation.decode_passes(tiny, 2, 8, steps, compile=False, seed=3)
+        last = [one_pass() for _ in range(3)]
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    ref = generate(tiny, ids, steps + 1, compile=False)
+    assert all(torch.equal(t, ref[:, -1:]) for t in last)
+    generation.drop_static_caches(tiny)
+
+
+def test_time_decode_times_a_block_of_passes(tiny, monkeypatch):
+    """Passes: one warm-up, then settling, then a block of at least ``min_passes``; the result is
+    the block's time per step."""
+    calls = []
+    real = generation.decode_passes
+
+    def counting(*a, **k):
+        one_pass = real(*a, **k)
+
+        def counted():
+            calls.append(1)
+            return one_pass()
+        return counted
+
+    monkeypatch.setattr(generation, "decode_passes", counting)
+    t = generation.time_decode(tiny, 1, 8, steps=2, compile=False, min_passes=4, settle_s=0.0, block_s=0.0)
+    assert t > 0 and len(calls) == 1 + 1 + 4
+    generation.drop_static_caches(tiny)
+
+
 def test_compiled_generation_of_a_converted_model_matches_eager(tiny):
     """A batch of 5 (beyond the CPU's select path): the traced step takes a path torch.compile
     can trace in float32 (``dense``), with the same tokens as eager generation."""

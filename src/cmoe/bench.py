@@ -10,7 +10,7 @@ then time a prefill (the forward compiled with ``fullgraph=True``, replayed as a
 attention through SDPA's causal kernel, ``cmoe.attention``; its sustained rate under the GPU's
 power cap, ``block_time``) and greedy decode steps
 (``cmoe.generation``: static KV cache, decode step compiled with ``fullgraph=True`` and
-captured in one CUDA graph), each with q/k/v as one GEMM (``cmoe.fused_qkv``): the same treatment
+captured in one CUDA graph; their steady rate, ``time_decode``), each with q/k/v as one GEMM (``cmoe.fused_qkv``): the same treatment
 for dense and MoE. One dense model per shape is timed alternately with each converted model in
 turn, cell by cell, ``--rounds`` rounds (the order reversed every other round), so that the GPU's
 drift over the run (its clock under the power cap) falls on both alike. Per cell: time (median
@@ -448,16 +448,17 @@ def time_prefill_cell(models: dict, cell: Cell, args, log, checked: set) -> tupl
 
 @torch.no_grad()
 def time_decode_cell(models: dict, cell: Cell, args, log, checked: set) -> dict[str, list[float]]:
-    """The models' greedy decode step at ``cell``'s batch after its prompt (``time_generation``:
-    ``args.repeats`` x ``args.steps`` timed steps per round, median), each compiled and captured
-    first, then timed in turn over ``args.rounds`` rounds (``interleaved``); their static caches
-    dropped after. Profiled with ``--profile`` once per model (``checked``)."""
-    from cmoe.generation import time_generation
+    """The models' greedy decode step at ``cell``'s batch after its prompt, each compiled and
+    captured first, then timed in turn over ``args.rounds`` rounds (``interleaved``): per round,
+    ``time_decode``'s steady rate (passes of ``args.steps`` steps over the same positions, settled,
+    then a block of at least ``args.repeats`` passes); their static caches dropped after. Profiled
+    with ``--profile`` once per model (``checked``)."""
+    from cmoe.generation import time_decode
 
     _, b, prompt = cell
 
     def timer(model) -> Callable[[], float]:
-        return lambda: time_generation(model, b, prompt, new_tokens=args.steps, compile=not args.no_compile, repeats=args.repeats).decode_s
+        return lambda: time_decode(model, b, prompt, steps=args.steps, compile=not args.no_compile, min_passes=args.repeats)
 
     for name, model in models.items():
         timer(model)()  # compiled and captured, untimed
@@ -571,13 +572,13 @@ def profile_kernels(run, n: int, log, label: str, top: int = 40) -> None:
 
 
 @torch.no_grad()
-@with_generation_setup  # as time_generation ran it
+@with_generation_setup  # as time_decode ran it
 def profile_decode(model, batch: int, prompt_len: int, steps: int, log, n: int = 8) -> None:
     """Where one compiled decode step's time goes (``profile_kernels`` over ``n`` steps)."""
     from cmoe.generation import _cache_kwarg, _forward_logits, decode_stepper, get_static_cache
 
     kw = _cache_kwarg(model)
-    cache = get_static_cache(model, batch, prompt_len + steps + 1)  # the size time_generation compiled for
+    cache = get_static_cache(model, batch, prompt_len + steps + 1)  # the size time_decode compiled for
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
     state = {"tok": _forward_logits(model, ids, torch.arange(prompt_len, device="cuda")[None], cache, kw).argmax(-1)[:, None]}
     step = decode_stepper(model, cache, kw, state["tok"], prompt_len, (False, 1.0, None, None), compile=True)
@@ -734,8 +735,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", nargs="*", type=shape_arg, default=PREFILL, help="BxS cells")
     p.add_argument("--decode-batches", nargs="*", type=int, default=DECODE_BATCHES)
     p.add_argument("--prompt", type=int, default=PROMPT)
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
-    p.add_argument("--repeats", type=int, default=1, help="timed decode repeats per round (median)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps per pass (over the same positions)")
+    p.add_argument("--repeats", type=int, default=1, help="timed decode passes per round, at least")
     p.add_argument("--rounds", type=int, default=ROUNDS,
                    help="rounds per cell: each converted model is timed alternately with dense, and its ratio to dense "
                         "is the median of the rounds' ratios")

@@ -13,10 +13,11 @@ a GPU the decode steps' attention runs in one Triton launch (``cmoe.attention.de
 and, at batch 1, the attention projections as one-launch GEMVs (``cmoe.gemv``). Greedy decoding
 takes the argmax over the vocabulary in two passes (``argmax_last``).
 
-    from cmoe.generation import generate, time_generation
+    from cmoe.generation import generate, time_decode, time_generation
     out = generate(model, input_ids, max_new_tokens=64)              # greedy, [B, S + 64]
     out = generate(model, input_ids, 64, do_sample=True, top_p=0.9)
     t = time_generation(model, batch_size=8, prompt_len=512, new_tokens=64)
+    s = time_decode(model, batch_size=8, prompt_len=512)              # seconds per step, steady rate
 
 Prompts of one batch share their length (no padding); positions run from 0.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -390,3 +392,59 @@ def time_generation(
     pre.sort()
     dec.sort()
     return GenerationTiming(batch_size, prompt_len, new_tokens, pre[len(pre) // 2], dec[len(dec) // 2])
+
+
+def decode_passes(model, batch_size: int, prompt_len: int, steps: int, compile: bool = True, vocab_size: int | None = None,
+                  seed: int = 0):
+    """After one greedy prefill of ``batch_size x prompt_len`` random tokens: a function that runs
+    one pass of ``steps`` greedy decode steps from the prompt's end, rewinding the static cache
+    first (its layers' lengths put back), so that every pass writes and reads the same positions and
+    returns the same tokens; it returns the last step's tokens [B, 1]. Run it inside
+    ``generation_setup(model)``; the cache stays the model's (``drop_static_caches``)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, vocab_size or model.config.vocab_size, (batch_size, prompt_len), generator=g).to(device)
+    cache = get_static_cache(model, batch_size, prompt_len + steps + 1)
+    kw = _cache_kwarg(model)
+    tok0 = argmax_last(_forward_logits(model, ids, torch.arange(prompt_len, device=device)[None], cache, kw))[:, None]
+    lengths = [layer.cumulative_length.clone() for layer in cache.layers] if _device_state_only(cache) else None
+
+    def one_pass() -> torch.Tensor:
+        if lengths is not None:
+            for layer, n in zip(cache.layers, lengths):
+                layer.cumulative_length.copy_(n)
+        step = decode_stepper(model, cache, kw, tok0, prompt_len, (False, 1.0, None, None), compile)  # at the prompt's end again
+        tok = tok0
+        for _ in range(steps):
+            tok = step(tok)
+        return tok
+
+    return one_pass
+
+
+@torch.no_grad()
+@with_generation_setup
+def time_decode(model, batch_size: int, prompt_len: int, steps: int = 32, compile: bool = True, min_passes: int = 1,
+                settle_s: float = 0.3, block_s: float = 0.5, seed: int = 0) -> float:
+    """Seconds per greedy decode step at ``batch_size`` after a random prompt of ``prompt_len``, at
+    its steady rate: passes of ``steps`` steps over the same positions (``decode_passes``), the
+    first (compilation, capture) and ``settle_s`` of them untimed, then the mean over one block of
+    at least ``min_passes`` passes lasting about ``block_s``. On a GPU under its power cap the step's
+    time then no longer depends on what ran before it (an eager prefill of b x 512 tokens, another
+    model's steps)."""
+    one_pass = decode_passes(model, batch_size, prompt_len, steps, compile, seed=seed)
+    device = next(model.parameters()).device
+    one_pass()
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    while n == 0 or time.perf_counter() - t0 < settle_s:
+        one_pass()
+        _sync(device)
+        n += 1
+    passes = max(min_passes, math.ceil(block_s * n / (time.perf_counter() - t0)))
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(passes):
+        one_pass()
+    _sync(device)
+    return (time.perf_counter() - t1) / (passes * steps)
