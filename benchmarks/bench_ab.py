@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["llama2-7b"], choices=list(bench.MODELS), help="model shapes")
     p.add_argument("--configs", nargs="+", default=["S2A2E16"], help="CMoE configurations, each timed against dense")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", nargs="+", type=int, default=[1], help="decode batch sizes, each timed in turn with the same models")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--steps", type=int, default=32, help="decode steps per pass (over the same positions)")
     p.add_argument("--repeats", type=int, default=3, help="decode: timed passes, at least; prefill: timed replays, at least")
@@ -200,14 +200,13 @@ def main(argv=None) -> int:
           f"python {platform.python_version()}", flush=True)
     print(f"# command: python benchmarks/bench_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}", flush=True)
 
-    def step_ms(model) -> float:
+    def step_ms(model, batch: int) -> float:
         if args.prefill:
             return prefill_ms(model, args.prefill, args.repeats)
         drop_static_caches(model)  # captured again under this arm's settings
         torch.cuda.empty_cache()
-        return time_decode(model, args.batch, args.prompt, steps=args.steps, min_passes=args.repeats) * 1e3
+        return time_decode(model, batch, args.prompt, steps=args.steps, min_passes=args.repeats) * 1e3
 
-    cell = f"prefill {args.prefill[0]}x{args.prefill[1]}" if args.prefill else f"b={args.batch}"
     for shape in args.models:
         models = {"dense": bench.build_dense(shape, layers=args.layers)}
         for config in args.configs:
@@ -215,22 +214,26 @@ def main(argv=None) -> int:
             models[config] = bench.build_dense(shape, layers=args.layers)
             bench.convert_model_(models[config], config)
             print(f"# {shape} {config}: converted in {time.perf_counter() - t0:.0f} s", flush=True)
-        results = {a.name: [] for a in arms}
-        for rnd in range(args.rounds):
-            for arm in arms if rnd % 2 == 0 else arms[::-1]:
-                t0 = time.perf_counter()
-                with applied(arm):
+        for batch in [None] if args.prefill else args.batch:
+            cell = f"prefill {args.prefill[0]}x{args.prefill[1]}" if args.prefill else f"b={batch}"
+            results = {a.name: [] for a in arms}
+            for rnd in range(args.rounds):
+                for arm in arms if rnd % 2 == 0 else arms[::-1]:
+                    t0 = time.perf_counter()
+                    with applied(arm):
+                        if arm.recompiles or args.recompile:
+                            torch._dynamo.reset()
+                        times = {name: step_ms(m, batch) for name, m in models.items()}
                     if arm.recompiles or args.recompile:
-                        torch._dynamo.reset()
-                    times = {name: step_ms(m) for name, m in models.items()}
-                if arm.recompiles or args.recompile:
-                    torch._dynamo.reset()  # the next arm compiles without this one's settings
-                results[arm.name].append(times)
-                cells = " ".join(f"{n} {ms:.4f} ms ({times['dense'] / ms:.4f}x)" for n, ms in times.items() if n != "dense")
-                print(f"{shape} {cell} round {rnd} {arm.name}: dense {times['dense']:.4f} ms {cells} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        print(f"\n{shape}, {cell}, {args.layers} layers, median over {args.rounds} rounds:\n")
-        print(summary(results, arms, list(models)), flush=True)
+                        torch._dynamo.reset()  # the next arm compiles without this one's settings
+                    results[arm.name].append(times)
+                    cells = " ".join(f"{n} {ms:.4f} ms ({times['dense'] / ms:.4f}x)" for n, ms in times.items() if n != "dense")
+                    print(f"{shape} {cell} round {rnd} {arm.name}: dense {times['dense']:.4f} ms {cells} "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"\n{shape}, {cell}, {args.layers} layers, median over {args.rounds} rounds:\n")
+            print(summary(results, arms, list(models)), flush=True)
+            for m in models.values():
+                drop_static_caches(m)
         del models
         torch._dynamo.reset()
         torch.cuda.empty_cache()

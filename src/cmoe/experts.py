@@ -68,7 +68,7 @@ def dense_experts(x, idx, weight, gate_up, down, act: str) -> torch.Tensor:
     """Every expert on every token, the routing as a mask: one GEMM over all experts' gate/up
     rows, each token's activations of expert e scaled by its weight for e (0 if it did not choose
     e), one batched GEMM over the experts' down projections. More FLOPs than needed, the same bytes
-    once the routing touches every expert, no sort; on an H200 the fastest path at 128-512 tokens
+    once the routing touches every expert, no sort; on an H200 the fastest path at 128-384 tokens
     for layers with half or more of their neurons active (``cmoe.triton_experts.use_dense``; the
     whole-layer op ``cmoe.triton_experts.dense_moe`` runs the same GEMMs)."""
     T = x.shape[0]

@@ -48,7 +48,7 @@ For the batches whose routing touches every expert:
 - the masked path (``masked_moe``, 2-64 tokens, ``use_masked``): the whole layer, router
   included, in two kernels; every token through every expert's gate/up, the routing applied
   in the down kernel. No separate router, no alignment.
-- the dense path (``dense_moe``, 128-512 tokens for layers with half or more of their neurons
+- the dense path (``dense_moe``, 128-384 tokens for layers with half or more of their neurons
   active, ``use_dense``): cuBLAS on every neuron with the routing as a mask, in one op, with the
   router and the shared expert on a second stream beside the routed experts' gate/up GEMM.
   Layers whose routing is asked for (load counts, probabilities) or whose shared expert carries
@@ -1392,7 +1392,7 @@ def layer_args(layer) -> tuple:
 
 
 # ----------------------------------------------------------------------------- dense path: the whole layer
-# Batches of 128-512 tokens in layers with half or more of their neurons active: the routing touches
+# Batches of 128-384 tokens in layers with half or more of their neurons active: the routing touches
 # every expert, so the layer reads as many bytes as the dense FFN; cuBLAS runs every neuron and the
 # routing becomes a mask. As one op: the router, then the shared expert, on a second stream
 # (``_Beside``) beside the routed experts' gate/up GEMM; ``glu`` applies each token's routing
@@ -1401,7 +1401,7 @@ def layer_args(layer) -> tuple:
 # Layers that the op cannot serve (their routing asked for, an adapter on the shared expert) run
 # the same GEMMs as torch ops (``cmoe.experts.dense_experts``, in ``triton_experts``).
 DENSE_MIN_TOKENS = 128  # the dense path from this many tokens (H200: below, the grouped path is faster)
-DENSE_MAX_WORK = 512  # ... while tokens x (all neurons / active neurons) is at most this (H200 sweep)
+DENSE_MAX_WORK = 384  # ... while tokens x (all neurons / active neurons) is at most this (H200: run o's sweep, run aj's A/B)
 DENSE_MIN_ACTIVE = 0.5  # ... in layers with at least this share of their neurons active (H200, run o)
 
 
@@ -1409,9 +1409,11 @@ def use_dense(T: int, active: int, total: int) -> bool:
     """Whether the dense path (cuBLAS on every neuron, the routing as a mask) serves T tokens of a
     layer with ``active`` of ``total`` neurons in use per token: at least DENSE_MIN_ACTIVE of them
     active, from DENSE_MIN_TOKENS, while the FLOPs it multiplies (total / active times those
-    needed) stay under DENSE_MAX_WORK tokens' worth. On the H200: S3A3E8 at 128-384 tokens and
-    S2A2E8 at 128-256, where the grouped kernels' GEMMs run below cuBLAS's rate
-    (``bench_experts.py --paths``; run o in docs/benchmarks/speed-h200.md)."""
+    needed) stay under DENSE_MAX_WORK tokens' worth. On the H200: S3A3E8 at 128-288 tokens and
+    S2A2E8 at 128-192, where the grouped kernels' GEMMs run below cuBLAS's rate
+    (``bench_experts.py --paths``; run o in docs/benchmarks/speed-h200.md). In the whole decode
+    step S2A2E8 at b=256 ran faster on the grouped kernels (run aj: 0.9935x against 0.9862x dense
+    on llama2-7b, 1.0132x against 1.0023x on llama3-8b; ``bench_ab.py``)."""
     return T >= DENSE_MIN_TOKENS and active >= DENSE_MIN_ACTIVE * total and T * total <= DENSE_MAX_WORK * active
 
 
