@@ -102,3 +102,39 @@ def test_prefill_cells_are_read_as_batch_by_length(monkeypatch, capsys):
         with pytest.raises(SystemExit):  # checked before the GPU is looked for
             ab.main(["--prefill", bad, "--arm", "a"])
         assert "expected BxS" in capsys.readouterr().err
+
+
+def test_each_decode_batch_is_timed_with_the_same_models_in_every_round_and_arm(monkeypatch, capsys):
+    """``--batch 128 256``: the models are built once per shape, then every batch gets its own
+    rounds (each arm in each) and its own summary, each step timed at that batch."""
+    built, timed = [], []
+
+    class Model:
+        def __init__(self):
+            self.converted = False
+
+    def build_dense(shape, layers):
+        built.append(shape)
+        return Model()
+
+    def convert(model, config):
+        model.converted = True
+
+    def time_decode(model, batch, prompt, steps, min_passes):
+        timed.append(batch)
+        return batch * (0.5e-6 if model.converted else 1e-6)  # the converted model twice as fast
+
+    monkeypatch.setattr(ab.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ab.torch.cuda, "get_device_name", lambda: "fake GPU")
+    monkeypatch.setattr(ab.bench, "build_dense", build_dense)
+    monkeypatch.setattr(ab.bench, "convert_model_", convert)
+    monkeypatch.setattr(generation, "time_decode", time_decode)
+    monkeypatch.setattr(generation, "drop_static_caches", lambda model: None)
+    assert ab.main(["--configs", "S1A1E8", "--batch", "128", "256", "--rounds", "2", "--arm", "a", "--arm",
+                    "b: cmoe.generation.ARGMAX_CHUNK = 1"]) == 0
+    out = capsys.readouterr().out
+    assert built == ["llama2-7b", "llama2-7b"]  # dense and S1A1E8, once
+    assert timed == [128] * 8 + [256] * 8  # 2 rounds x 2 arms x 2 models per batch
+    for b, ms in ((128, 0.128), (256, 0.256)):
+        assert f"llama2-7b, b={b}, 4 layers, median over 2 rounds" in out
+        assert f"| a | {ms:.4f} | {ms / 2:.4f} | 2.0000x |" in out
