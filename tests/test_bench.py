@@ -199,13 +199,15 @@ def test_main_times_every_config_alternately_with_one_dense_model(monkeypatch, t
     monkeypatch.setattr(bench, "measure_ceilings", lambda: CEIL)
     monkeypatch.setattr(bench, "build_dense", lambda name, layers=None: Model())
     monkeypatch.setattr(bench, "convert_model_", lambda model, config, calib: "converted")
-    monkeypatch.setattr(bench, "check_fast_path", lambda model: 0.0)
+    checked_tokens = []
+    monkeypatch.setattr(bench, "check_fast_path", lambda model, tokens: checked_tokens.append(tokens) or 0.0)
     monkeypatch.setattr(bench, "weight_bytes", lambda model: {"total": 1, "router_and_bookkeeping": 0})
     monkeypatch.setattr(bench, "time_cell", time_cell)
     monkeypatch.setattr(bench, "cell_cost", lambda model, cell, moe, args: (bench.Cost(1e9, 1e9), bench.Cost(1e9, 1e9), None))
     assert bench.main(["--models", "llama2-7b", "--configs", "S2A2E8", "S1A1E8", "--prefill", "--decode-batches", "1", "8",
                        "--rounds", "3", "--out", str(tmp_path)]) == 0
     assert len(built) == 3  # dense once, then each converted model
+    assert checked_tokens == [[1, 3, 8, 17, 129, 300]] * 2  # each converted model at every cell's size and the odd ones
     paired = [(c, names) for c, names in timed if len(names) == 2]
     assert paired == [(("decode", b, 512), ("dense", config)) for config in ("S2A2E8", "S1A1E8") for b in (1, 8)]
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]

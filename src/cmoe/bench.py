@@ -263,8 +263,17 @@ def touched_experts(model, batch: int, prompt_len: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- checks
+ODD_TOKENS = (3, 17, 129, 300)  # token counts between the cells' sizes, checked against the loop oracle too
+
+
+def oracle_tokens(args) -> list[int]:
+    """The token counts ``check_fast_path`` checks: every cell's (each decode batch, each prefill's
+    B x S) and ``ODD_TOKENS``, so that every path the timed cells take is checked."""
+    return sorted({*args.decode_batches, *(b * s for b, s in args.prefill), *ODD_TOKENS})
+
+
 @torch.no_grad()
-def check_fast_path(model, tokens=(1, 3, 17, 129, 300, 2048, 16384)) -> float:
+def check_fast_path(model, tokens=(1, *ODD_TOKENS, 2048, 16384)) -> float:
     """Max relative error of the MoE layers' default forward vs the loop oracle on random
     hidden states of a few token counts; also checks the fused router against the torch one
     (same probabilities, same experts up to ties)."""
@@ -798,7 +807,7 @@ def main(argv=None) -> int:
                         how = "every FFN replaced by zeros"
                     else:
                         how = convert_model_(model, config, calib)
-                        err = check_fast_path(model)
+                        err = check_fast_path(model, oracle_tokens(args))
                         log(f"  check vs loop oracle: max rel err {err:.2e}")
                         if not err < 3e-2:
                             log(f"  CHECK FAILED: {name} {config}: fast path disagrees with the loop oracle ({err:.2e})")
