@@ -20,7 +20,7 @@ calibration tokens.
 With ``--prefill BxS`` each cell is one prefill forward of B random sequences of S tokens, timed as
 ``bench_speed.py`` times it (compiled with ``fullgraph=True``, q/k/v as one GEMM, SDPA's causal
 kernel, replayed as a CUDA graph; the mean over a block of about 0.5 s and at least ``--repeats``
-replays, after 0.3 s of untimed ones: ``cmoe.bench.block_time``), instead of decode steps:
+replays, after 0.3 s of untimed ones: ``cmoe.generation.block_time``), instead of decode steps:
 
     python benchmarks/bench_ab.py --models llama2-7b --configs S1A1E8 --prefill 1x2048 --rounds 3 --recompile \
         --arm default --arm "fold: cmoe.triton_experts.SHARED_FOLD_MAX_TOKENS = 4096"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from cmoe.bench import block_time
+from cmoe.generation import block_time
 
 SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
 

@@ -214,32 +214,3 @@ def test_main_times_every_config_alternately_with_one_dense_model(monkeypatch, t
     assert [(r["config"], r["batch"]) for r in rows] == [("dense", 1), ("dense", 8), ("S2A2E8", 1), ("S2A2E8", 8), ("S1A1E8", 1), ("S1A1E8", 8)]
     assert rows[0]["extra"]["rounds"] == [1.0, 1.1, 1.2, 2.0, 2.1, 2.2] and rows[0]["seconds"] == pytest.approx(1.6)
     assert rows[3]["extra"]["rounds"] == pytest.approx([0.65, 0.7, 0.75]) and rows[3]["ratio"] == pytest.approx(2.0)
-
-
-def test_block_time_settles_then_times_one_block(monkeypatch):
-    """``block_time``: untimed calls for ``settle_s`` (at least one), then one timed block of
-    enough calls to last about ``block_s`` (at least ``min_calls``), its mean per call."""
-    clock = {"t": 0.0, "calls": 0}
-
-    def fn():  # each call "takes" 1/64 s (exact in binary)
-        clock["t"] += 1 / 64
-        clock["calls"] += 1
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            self.at = None
-
-        def record(self):
-            self.at = clock["t"]
-
-        def elapsed_time(self, other):
-            return (other.at - self.at) * 1e3
-
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    assert bench.block_time(fn, min_calls=5, settle_s=0.125, block_s=0.5) == 1 / 64
-    assert clock["calls"] == 8 + 32  # 1/8 s settling, then 1/2 s of calls
-    clock["calls"] = 0
-    assert bench.block_time(fn, min_calls=5, settle_s=0.0, block_s=0.0) == 1 / 64
-    assert clock["calls"] == 1 + 5

@@ -86,6 +86,39 @@ def test_time_generation(tiny):
     assert t.prefill_s > 0 and t.decode_s > 0 and t.decode_tokens_per_s > 0
 
 
+def test_block_time_settles_then_times_one_block(monkeypatch):
+    """``block_time``: untimed calls for ``settle_s`` (at least one), then one timed block of
+    enough calls to last about ``block_s`` (at least ``min_calls``), its mean per call: by CUDA
+    events on a GPU, by the host clock elsewhere."""
+    clock = {"t": 0.0, "calls": 0}
+
+    def fn():  # each call "takes" 1/64 s (exact in binary)
+        clock["t"] += 1 / 64
+        clock["calls"] += 1
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = clock["t"]
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3
+
+    monkeypatch.setattr(generation.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    assert generation.block_time(fn, min_calls=5, settle_s=0.125, block_s=0.5) == 1 / 64
+    assert clock["calls"] == 8 + 32  # 1/8 s settling, then 1/2 s of calls
+    clock["calls"] = 0
+    assert generation.block_time(fn, min_calls=5, settle_s=0.0, block_s=0.0) == 1 / 64
+    assert clock["calls"] == 1 + 5
+    clock["calls"] = 0  # elsewhere the same by the host clock
+    assert generation.block_time(fn, min_calls=5, settle_s=0.125, block_s=0.5, device="cpu") == 1 / 64
+    assert clock["calls"] == 8 + 32
+
+
 def test_decode_passes_rewind_to_the_prompts_end(tiny):
     """Every pass of ``decode_passes`` decodes the same tokens from the prompt's end: the tokens
     greedy generation gives after the same prompt."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -52,7 +51,7 @@ import torch
 import torch._dynamo
 
 from cmoe.fused_qkv import fused_qkv
-from cmoe.generation import drop_static_caches, with_generation_setup
+from cmoe.generation import block_time, drop_static_caches, with_generation_setup
 
 MODELS = {
     "llama2-7b": dict(
@@ -363,25 +362,7 @@ def time_prefill(fwd, repeats: int = PREFILL_REPLAYS) -> tuple[float, str]:
     """The prefill ``fwd()``'s time (``capture_prefill``, then ``block_time``: at least ``repeats``
     replays)."""
     run, how = capture_prefill(fwd)
-    return block_time(run, repeats), how
-
-
-def block_time(fn, min_calls: int = PREFILL_REPLAYS, settle_s: float = PREFILL_SETTLE_S, block_s: float = PREFILL_BLOCK_S) -> float:
-    """Mean time of ``fn()`` (GPU work) over one block of at least ``min_calls`` calls lasting about
-    ``block_s``, after calling it untimed, once or for ``settle_s``."""
-    t0, n = time.perf_counter(), 0
-    while n == 0 or time.perf_counter() - t0 < settle_s:
-        fn()
-        torch.cuda.synchronize()
-        n += 1
-    calls = max(min_calls, math.ceil(block_s * n / (time.perf_counter() - t0)))
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(calls):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / 1e3 / calls
+    return block_time(run, repeats, PREFILL_SETTLE_S, PREFILL_BLOCK_S), how
 
 
 def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -449,7 +430,8 @@ def time_prefill_cell(models: dict, cell: Cell, args, log, checked: set) -> tupl
                     check_compiled_prefill(model, fwd, ids, log, f"{name} {cell_name(cell)}")
                 if getattr(args, "profile", False):
                     profile_kernels(fwd, 2, log, f"{name} {cell_name(cell)} ({how})")
-        times = interleaved({n: (lambda run=run: block_time(run)) for n, run in runs.items()}, args.rounds)
+        times = interleaved({n: (lambda run=run: block_time(run, PREFILL_REPLAYS, PREFILL_SETTLE_S, PREFILL_BLOCK_S))
+                             for n, run in runs.items()}, args.rounds)
     del runs
     torch.cuda.empty_cache()
     return times, how

@@ -349,6 +349,32 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def block_time(fn, min_calls: int = 1, settle_s: float = 0.3, block_s: float = 0.5, device="cuda") -> float:
+    """Mean seconds per call of ``fn()`` (work on ``device``) over one block of at least ``min_calls``
+    calls lasting about ``block_s``, after calling it untimed, once or for ``settle_s``: its steady
+    rate, which on a GPU under its power cap no longer depends on what ran before it. Timed by CUDA
+    events on a GPU, by the host clock elsewhere."""
+    device = torch.device(device)
+    t0, n = time.perf_counter(), 0
+    while n == 0 or time.perf_counter() - t0 < settle_s:
+        fn()
+        _sync(device)
+        n += 1
+    calls = max(min_calls, math.ceil(block_s * n / (time.perf_counter() - t0)))
+    if device.type == "cuda":
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(calls):
+            fn()
+        e1.record()
+        torch.cuda.synchronize(device)
+        return e0.elapsed_time(e1) / 1e3 / calls
+    t1 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t1) / calls
+
+
 @torch.no_grad()
 @with_generation_setup
 def time_generation(
@@ -428,23 +454,12 @@ def time_decode(model, batch_size: int, prompt_len: int, steps: int = 32, compil
                 settle_s: float = 0.3, block_s: float = 0.5, seed: int = 0) -> float:
     """Seconds per greedy decode step at ``batch_size`` after a random prompt of ``prompt_len``, at
     its steady rate: passes of ``steps`` steps over the same positions (``decode_passes``), the
-    first (compilation, capture) and ``settle_s`` of them untimed, then the mean over one block of
-    at least ``min_passes`` passes lasting about ``block_s``. On a GPU under its power cap the step's
-    time then no longer depends on what ran before it (an eager prefill of b x 512 tokens, another
-    model's steps)."""
+    first (compilation, capture) untimed, then ``block_time`` of the passes (``settle_s`` of them
+    untimed, then the mean over one block of at least ``min_passes`` lasting about ``block_s``). On
+    a GPU under its power cap the step's time then no longer depends on what ran before it (an eager
+    prefill of b x 512 tokens, another model's steps)."""
     one_pass = decode_passes(model, batch_size, prompt_len, steps, compile, seed=seed)
     device = next(model.parameters()).device
-    one_pass()
+    one_pass()  # compiled and captured: kept out of block_time's estimate of the passes' rate
     _sync(device)
-    t0, n = time.perf_counter(), 0
-    while n == 0 or time.perf_counter() - t0 < settle_s:
-        one_pass()
-        _sync(device)
-        n += 1
-    passes = max(min_passes, math.ceil(block_s * n / (time.perf_counter() - t0)))
-    _sync(device)
-    t1 = time.perf_counter()
-    for _ in range(passes):
-        one_pass()
-    _sync(device)
-    return (time.perf_counter() - t1) / (passes * steps)
+    return block_time(one_pass, min_passes, settle_s, block_s, device) / steps
