@@ -52,11 +52,16 @@ def cases():
                 yield (f"gemv_route_gate_up {dt} S={S} linear={linear}", te._gemv_route_gate_up,
                        {**ptrs, "h_ptr": "*fp32", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "p_ptr": "*fp32",
                         "part_ptr": "*fp32", "sync_ptr": "*i32"},
-                       dict(A=3, S=S, ACT=0, BN=bn, BK=bk, SPLITS=16, BT=16, BE=16, RBK=128, LINEAR=linear, **upcast_ieee))
+                       dict(A=3, S=S, ACT=0, BN=bn, BK=bk, SPLITS=16, BT=16, BE=16, RBK=128, LINEAR=linear, PDL=False,
+                            **upcast_ieee))
+            yield (f"gemv_route_gate_up {dt} S={S} pdl", te._gemv_route_gate_up,  # cmoe.pdl
+                   {**ptrs, "h_ptr": "*fp32", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "p_ptr": "*fp32",
+                    "part_ptr": "*fp32", "sync_ptr": "*i32"},
+                   dict(A=3, S=S, ACT=0, BN=bn, BK=bk, SPLITS=16, BT=16, BE=16, RBK=128, LINEAR=False, PDL=True, **upcast_ieee))
             bn, bk, _ = te.GEMV_CONFIG["down"]
-            for reset in (False, True):
-                yield (f"gemv_down {dt} S={S} reset={reset}", te._gemv_down, {**ptrs, "h_ptr": "*fp32", "sync_ptr": "*i32"},
-                       dict(A=3, S=S, BN=bn, BK=bk, RESET=reset))
+            for reset, pdl in ((False, False), (True, False), (True, True)):
+                yield (f"gemv_down {dt} S={S} reset={reset}" + " pdl" * pdl, te._gemv_down,
+                       {**ptrs, "h_ptr": "*fp32", "sync_ptr": "*i32"}, dict(A=3, S=S, BN=bn, BK=bk, RESET=reset, PDL=pdl))
             bn, bk, _, _ = te.FEW_CONFIG["gate_up"]
             yield (f"few_gate_up {dt} S={S}", te._few_gate_up, ptrs,
                    dict(A=3, AP=4, S=S, ACT=1, TP=16, BN=bn, BK=bk, **upcast_ieee))
@@ -114,14 +119,20 @@ def cases():
     for dt, flags in (("*bf16", dict(UPCAST=False, IEEE=False)), ("*fp32", dict(UPCAST=False, IEEE=True))):
         aptrs = {"x": dt, "mask_ptr": "*u8", "part_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32",
                  "pos_ptr": "*i64", "qk_scale": "fp32"}
-        for slices, mask, dp, rope in ((1, True, 128, False), (8, True, 128, False), (8, False, 128, False),
-                                       (8, True, 256, False), (1, True, 64, False), (8, True, 128, True), (1, True, 64, True)):
-            # the decode attention: one slice, merged slices; head sizes 64-256; with the rotary embedding and cache write
-            yield (f"decode_attention {dt} slices={slices} mask={mask} head={dp} rope={rope}", da._decode_attention_kernel, aptrs,
-                   dict(GP=16, DP=dp, BN=da.block_keys(dp), SLICES=slices, SP=max(2, slices), HAS_MASK=mask, ROPE=rope, **flags))
+        for slices, mask, dp, rope, pdl in ((1, True, 128, False, False), (8, True, 128, False, False),
+                                            (8, False, 128, False, False), (8, True, 256, False, False),
+                                            (1, True, 64, False, False), (8, True, 128, True, False),
+                                            (1, True, 64, True, False), (8, True, 128, True, True)):
+            # the decode attention: one slice, merged slices; head sizes 64-256; with the rotary embedding and cache
+            # write; launched with PDL (cmoe.pdl)
+            yield (f"decode_attention {dt} slices={slices} mask={mask} head={dp} rope={rope}" + " pdl" * pdl,
+                   da._decode_attention_kernel, aptrs,
+                   dict(GP=16, DP=dp, BN=da.block_keys(dp), SLICES=slices, SP=max(2, slices), HAS_MASK=mask, ROPE=rope,
+                        PDL=pdl, **flags))
         bn, bk, _ = gemv.GEMV_TILE
-        for bias in (False, True):  # one row through a linear layer
-            yield (f"gemv {dt} bias={bias}", gemv._gemv_kernel, {"x": dt}, dict(HAS_BIAS=bias, BN=bn, BK=bk))
+        for bias, pdl in ((False, False), (True, False), (False, True)):  # one row through a linear layer
+            yield (f"gemv {dt} bias={bias}" + " pdl" * pdl, gemv._gemv_kernel, {"x": dt},
+                   dict(HAS_BIAS=bias, BN=bn, BK=bk, PDL=pdl))
 
 
 def front_end(src: ASTSource) -> None:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 import torch._dynamo
 
+from cmoe import pdl
 from cmoe.fused_qkv import fused_qkv
 from cmoe.generation import block_time, drop_static_caches, with_generation_setup
 
@@ -763,6 +764,8 @@ def main(argv=None) -> int:
     settings = inductor_settings(args)
     if settings:
         notes.append(f"inductor settings (every compile, dense and MoE alike): {settings}")
+    notes.append(f"decode steps' kernels launched with programmatic dependent launch (cmoe.pdl, dense and MoE alike): "
+                 f"{'yes' if pdl.on('cuda') else 'no'}")
     log("# " + "\n# ".join(notes))
     ceil = measure_ceilings()
     log(f"ceilings: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s")

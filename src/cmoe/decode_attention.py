@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .triton_experts import _INTERPRET, stream_flags
 
 # H200 sweep (docs/benchmarks/speed-h200.md, run z): fewer (row, head) pairs than SMs (decode at
@@ -54,8 +55,9 @@ def _decode_attention_kernel(
     L, HKV, G, D, per_slice, qk_scale,
     GP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, SLICES: tl.constexpr, SP: tl.constexpr,
     HAS_MASK: tl.constexpr, ROPE: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)  # everything it reads but the cache comes from the kernels just before (cmoe.pdl)
     bh = tl.program_id(0)
     sl = tl.program_id(1)
     b = bh // HKV
@@ -221,6 +223,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
         L, HKV, G, D, per_slice, scaling * math.log2(math.e),
         GP=gp, DP=dp, BN=bn, SLICES=slices, SP=max(2, triton.next_power_of_2(slices)), HAS_MASK=mask is not None,
         ROPE=rope is not None, UPCAST=_INTERPRET and not ieee, IEEE=ieee, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        **pdl.launch(query),
     )
     return out
 

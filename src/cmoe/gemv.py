@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from . import pdl
 from .fused_qkv import _QKV
 from .triton_experts import _INTERPRET
 
@@ -34,12 +35,20 @@ _STASH = "_cmoe_gemv_"  # on each parent: its stand-ins, built once
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K,  # x [K], w [N, K], b [N], out [N]
-                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     w = w_ptr + offs_n[:, None].to(tl.int64) * K  # [BN, 1]
     acc = tl.zeros((BN, BK), tl.float32)
-    for k0 in range(0, K, BK):
+    k_first = 0
+    if PDL:  # the first block of weights read before waiting for x (cmoe.pdl)
+        offs_k = tl.arange(0, BK)
+        k_ok = offs_k < K
+        wk = tl.load(w + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        pdl.wait(PDL)
+        acc += wk.to(tl.float32) * tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        k_first = BK
+    for k0 in range(k_first, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
         xk = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -59,7 +68,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, til
     w = weight.contiguous()
     _gemv_kernel[(triton.cdiv(N, bn),)](x.contiguous(), w, w if bias is None else bias, out, N, K,
                                           HAS_BIAS=bias is not None, BN=bn, BK=min(bk, triton.next_power_of_2(K)),
-                                          num_warps=nw)
+                                          num_warps=nw, **pdl.launch(x))
     return out
 
 

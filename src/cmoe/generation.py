@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import pdl
 from .attention import decode_attention_on
 from .fused_qkv import fused_qkv
 
@@ -160,14 +161,22 @@ def _decode_step(model, cache, cache_kw: str, tok, pos, do_sample: bool, tempera
 _COMPILED: dict[str, object] = {}
 
 
-def compiled_decode_step(mode: str = "reduce-overhead"):
-    """The decode step compiled once per mode (dynamo caches one graph per model and shape)."""
-    if mode not in _COMPILED:
+def compiled_decode_step(mode: str = "reduce-overhead", pdl: bool = False):
+    """The decode step compiled once per mode (dynamo caches one graph per model and shape);
+    ``pdl`` (mode "default" only): inductor's kernels launched with programmatic dependent launch
+    (``cmoe.pdl``)."""
+    key = (mode, pdl)
+    if key not in _COMPILED:
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True)
-    return _COMPILED[mode]
+        if pdl:
+            if mode != "default":
+                raise ValueError(f"pdl is for the step captured by decode_stepper (mode 'default'), not mode {mode!r}")
+            _COMPILED[key] = torch.compile(_decode_step, options={"triton.enable_pdl": True}, fullgraph=True)
+        else:
+            _COMPILED[key] = torch.compile(_decode_step, mode=mode, fullgraph=True)
+    return _COMPILED[key]
 
 
 def _device_state_only(cache) -> bool:
@@ -190,7 +199,7 @@ class _CapturedStep:
         device = cache.layers[0].keys.device  # the prefill has filled the cache
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
-        step = compiled_decode_step("default")  # inductor, no CUDA graphs of its own
+        step = compiled_decode_step("default", pdl=pdl.on(device))  # inductor, no CUDA graphs of its own
         lengths = [layer.cumulative_length.clone() for layer in cache.layers]
         rng = torch.cuda.get_rng_state(device)  # sampling draws the same numbers whether or not this call captured
         side = torch.cuda.Stream(device)

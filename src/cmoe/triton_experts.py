@@ -72,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import activations
+from . import activations, pdl
 from .experts import dense_experts, expert_counts, expert_order, grouped_pairs, register, shared_expert, sort_by_expert
 
 _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
@@ -222,15 +222,29 @@ def _down_rows(w_ptr, sd_ptr, e, offs_n, d, m, ms, S: tl.constexpr):
 
 @triton.jit
 def _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms,
-                       A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """h[t, slot, BN neurons from pid_n * BN] = act(gate) * up of token t through virtual expert e."""
+                       A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       PDL: tl.constexpr):
+    """h[t, slot, BN neurons from pid_n * BN] = act(gate) * up of token t through virtual expert e.
+    PDL: the first block of weights read before ``pdl.wait``, then x (cmoe.pdl)."""
     offs_n = pid_n * BN + tl.arange(0, BN)
     wg, up, n_ok = _gate_up_rows(w_ptr, sw_ptr, e, offs_n, d, m, ms, S)
     wg = wg[:, None]  # [BN, 1] gate rows
     wu = wg + up
     acc_g = tl.zeros((BN, BK), tl.float32)
     acc_u = tl.zeros((BN, BK), tl.float32)
-    for k0 in range(0, d, BK):
+    k_first = 0
+    if PDL:
+        offs_k = tl.arange(0, BK)
+        k_ok = offs_k < d
+        mk = n_ok[:, None] & k_ok[None, :]
+        g0 = tl.load(wg + offs_k[None, :], mask=mk, other=0.0, eviction_policy="evict_first")
+        u0 = tl.load(wu + offs_k[None, :], mask=mk, other=0.0, eviction_policy="evict_first")
+        pdl.wait(PDL)
+        xk = tl.load(x_ptr + t * d + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc_g += g0.to(tl.float32) * xk
+        acc_u += u0.to(tl.float32) * xk
+        k_first = BK
+    for k0 in range(k_first, d, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < d
         xk = tl.load(x_ptr + t * d + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -255,7 +269,7 @@ def _gemv_gate_up(
     e = slot.to(tl.int64)  # virtual expert: a shared piece, or the routed expert chosen in this slot
     if slot >= S:
         e = tl.load(idx_ptr + t * A + slot - S).to(tl.int64) + S
-    _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms, A, S, ACT, BN, BK)
+    _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms, A, S, ACT, BN, BK, False)
 
 
 @triton.jit
@@ -265,7 +279,7 @@ def _gemv_route_gate_up(
     T, d, m, ms, E, KPER, NB,
     A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     SPLITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, RBK: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, LINEAR: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, LINEAR: tl.constexpr, PDL: tl.constexpr,
 ):
     """The router and every slot's gate/up GEMV in one launch (T <= BT tokens). Programs 0 ..
     SPLITS-1 compute the router's partial scores over slices of d; the last of them to finish (a
@@ -275,9 +289,11 @@ def _gemv_route_gate_up(
     programs never wait for a slot behind programs that wait for them. The H200 does so (every
     run of the benchmark and the GPU tests), but CUDA does not document it; a ticket taken at
     each program's start would give the order without relying on it. The interpreter runs
-    programs in order."""
+    programs in order. With PDL the shared pieces' programs read their first block of weights
+    before they wait for the kernel before (cmoe.pdl), the others wait first."""
     pid = tl.program_id(0)
     if pid < SPLITS:
+        pdl.wait(PDL)
         _route_partial(x_ptr, rg_ptr, ru_ptr, part_ptr, 0, pid, T, d, BT, E, KPER, BT, BE, RBK, UPCAST, IEEE, LINEAR)
         tl.debug_barrier()  # every thread's partial scores stored before the ticket (release)
         if tl.atomic_add(sync_ptr, 1) == SPLITS - 1:
@@ -292,11 +308,12 @@ def _gemv_route_gate_up(
         t = pair % T
         e = slot.to(tl.int64)
         if slot >= S:
+            pdl.wait(PDL)
             while tl.load(sync_ptr + 1, volatile=True) == 0:
                 pass
             tl.atomic_add(sync_ptr + 1, 0)  # acquire: the routing stored before sync[1] is visible
             e = tl.load(idx_ptr + t * A + slot - S, cache_modifier=".cg").to(tl.int64) + S
-        _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms, A, S, ACT, BN, BK)
+        _gemv_gate_up_tile(x_ptr, w_ptr, sw_ptr, h_ptr, t, slot, e, pid_n, d, m, ms, A, S, ACT, BN, BK, PDL)
 
 
 @triton.jit
@@ -304,20 +321,30 @@ def _gemv_down(
     h_ptr, idx_ptr, wt_ptr, w_ptr, sd_ptr, out_ptr,  # h [T, S+A, m] fp32, idx/wt [T, A], down [E, d, m], shared_down [d, ms], out [T, d]
     sync_ptr,  # RESET: the flags of _gemv_route_gate_up [2] int32, set back to 0 for its next launch
     d, m, ms,
-    A: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RESET: tl.constexpr,
+    A: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RESET: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
-    if RESET:
-        if pid_n + t == 0:
-            tl.store(sync_ptr + tl.arange(0, 2), tl.zeros((2,), tl.int32))
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < d
     h_t = h_ptr + t * (S + A) * m
     acc = tl.zeros((BN, BK), tl.float32)
+    ws = sd_ptr + offs_n[:, None].to(tl.int64) * ms  # the shared expert's rows (S > 0)
+    k_first = 0
+    if PDL and S > 0:  # its first block of weights read before waiting for h (cmoe.pdl)
+        offs_k = tl.arange(0, BK)
+        k_ok = offs_k < ms
+        w0 = tl.load(ws + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        pdl.wait(PDL)
+        acc += w0.to(tl.float32) * tl.load(h_t + offs_k, mask=k_ok, other=0.0)[None, :]
+        k_first = BK
+    else:
+        pdl.wait(PDL)
+    if RESET:  # after the wait: the kernel before reads these flags
+        if pid_n + t == 0:
+            tl.store(sync_ptr + tl.arange(0, 2), tl.zeros((2,), tl.int32))
     if S > 0:  # the shared pieces' activations are h_t[0:ms], contiguous
-        ws = sd_ptr + offs_n[:, None].to(tl.int64) * ms
-        for k0 in range(0, ms, BK):
+        for k0 in range(k_first, ms, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < ms
             hk = tl.load(h_t + offs_k, mask=k_ok, other=0.0)
@@ -390,8 +417,9 @@ def _gemv_down_all(h, idx, weight, down, shared_down, ms: int, S: int, cfg: dict
     out = torch.empty(T, d, device=h.device, dtype=dtype)
     bn, bk, nw = cfg["down"]
     bn = _gemv_bn(bn, d, T) if not _INTERPRET else 16
+    pdl_args = pdl.launch(h) if sync is not None else {"PDL": False}  # the batch-1 layer op's kernels only
     _gemv_down[(triton.cdiv(d, bn), T)](h, idx, weight, down, shared_down, out, idx if sync is None else sync, d, m, ms,
-                                        A=a, S=S, BN=bn, BK=bk, RESET=sync is not None, num_warps=nw)
+                                        A=a, S=S, BN=bn, BK=bk, RESET=sync is not None, num_warps=nw, **pdl_args)
     return out
 
 
@@ -1492,7 +1520,7 @@ def _gemv_route_gate_up_all(x, gate_up, sgu, ms: int, S: int, router_gate, route
         x, idx, gate_up, sgu, h, router_gate, router_up, bias, scale, wt, p, part, sync,
         T, d, m, ms, E, kper, nb,
         A=top_k, S=S, ACT=_ACT_CODE[act], BN=bn, BK=bk, SPLITS=splits, BT=ROUTE_TILE, BE=be, RBK=rbk,
-        UPCAST=upcast, IEEE=ieee, LINEAR=linear, num_warps=nw,
+        UPCAST=upcast, IEEE=ieee, LINEAR=linear, num_warps=nw, **pdl.launch(x),
     )
     return h, idx, wt
 
