@@ -32,10 +32,10 @@ def test_off_without_a_gpu_that_has_it(monkeypatch):
 def test_only_the_captured_step_compiles_inductor_kernels_with_pdl():
     from cmoe.generation import compiled_decode_step
 
-    assert compiled_decode_step("default", pdl=True) is compiled_decode_step("default", pdl=True)
-    assert compiled_decode_step("default", pdl=True) is not compiled_decode_step("default")
+    assert compiled_decode_step("default", launch_pdl=True) is compiled_decode_step("default", launch_pdl=True)
+    assert compiled_decode_step("default", launch_pdl=True) is not compiled_decode_step("default")
     with pytest.raises(ValueError, match="mode 'default'"):
-        compiled_decode_step("reduce-overhead", pdl=True)
+        compiled_decode_step("reduce-overhead", launch_pdl=True)
 
 
 def _chain(ws, moe, x):

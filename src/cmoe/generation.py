@@ -161,19 +161,19 @@ def _decode_step(model, cache, cache_kw: str, tok, pos, do_sample: bool, tempera
 _COMPILED: dict[str, object] = {}
 
 
-def compiled_decode_step(mode: str = "reduce-overhead", pdl: bool = False):
+def compiled_decode_step(mode: str = "reduce-overhead", launch_pdl: bool = False):
     """The decode step compiled once per mode (dynamo caches one graph per model and shape);
-    ``pdl`` (mode "default" only): inductor's kernels launched with programmatic dependent launch
-    (``cmoe.pdl``)."""
-    key = (mode, pdl)
+    ``launch_pdl`` (mode "default" only): inductor's kernels launched with programmatic dependent
+    launch (``cmoe.pdl``)."""
+    key = (mode, launch_pdl)
     if key not in _COMPILED:
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        if pdl:
+        if launch_pdl:
             if mode != "default":
-                raise ValueError(f"pdl is for the step captured by decode_stepper (mode 'default'), not mode {mode!r}")
-            _COMPILED[key] = torch.compile(_decode_step, options={"triton.enable_pdl": True}, fullgraph=True)
+                raise ValueError(f"launch_pdl is for the step captured by decode_stepper (mode 'default'), not mode {mode!r}")
+            _COMPILED[key] = torch.compile(_decode_step, options=pdl.inductor_options(), fullgraph=True)
         else:
             _COMPILED[key] = torch.compile(_decode_step, mode=mode, fullgraph=True)
     return _COMPILED[key]
@@ -199,7 +199,7 @@ class _CapturedStep:
         device = cache.layers[0].keys.device  # the prefill has filled the cache
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
-        step = compiled_decode_step("default", pdl=pdl.on(device))  # inductor, no CUDA graphs of its own
+        step = compiled_decode_step("default", launch_pdl=pdl.on(device))  # inductor, no CUDA graphs of its own
         lengths = [layer.cumulative_length.clone() for layer in cache.layers]
         rng = torch.cuda.get_rng_state(device)  # sampling draws the same numbers whether or not this call captured
         side = torch.cuda.Stream(device)

@@ -20,6 +20,7 @@ run ak): dense 0.6175 -> 0.6005 ms, S1A1E8 0.3953 -> 0.3732 ms, S2A2E16 0.3978 -
 from __future__ import annotations
 
 import torch
+import torch._inductor.config
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -40,6 +41,16 @@ def launch(x: torch.Tensor) -> dict:
     """The launch arguments of a kernel working on x: ``PDL`` (its constexpr) and ``launch_pdl``."""
     pdl = on(x.device)
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
+
+
+def inductor_options() -> dict:
+    """The ``torch.compile`` options that launch inductor's kernels with PDL: {} where this torch's
+    inductor has no such option."""
+    try:
+        torch._inductor.config.triton.enable_pdl  # noqa: B018
+    except AttributeError:
+        return {}
+    return {"triton.enable_pdl": True}
 
 
 @triton.jit
