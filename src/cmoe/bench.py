@@ -359,11 +359,16 @@ def capture_prefill(fwd) -> tuple[Callable[[], object], str]:
         return fwd, "no graph"
 
 
+def replay_time(run, repeats: int = PREFILL_REPLAYS) -> float:
+    """A captured prefill's time in one round: ``block_time`` of at least ``repeats`` replays of
+    ``run`` after PREFILL_SETTLE_S of untimed ones, over about PREFILL_BLOCK_S."""
+    return block_time(run, repeats, PREFILL_SETTLE_S, PREFILL_BLOCK_S)
+
+
 def time_prefill(fwd, repeats: int = PREFILL_REPLAYS) -> tuple[float, str]:
-    """The prefill ``fwd()``'s time (``capture_prefill``, then ``block_time``: at least ``repeats``
-    replays)."""
+    """The prefill ``fwd()``'s time (``capture_prefill``, then ``replay_time``)."""
     run, how = capture_prefill(fwd)
-    return block_time(run, repeats, PREFILL_SETTLE_S, PREFILL_BLOCK_S), how
+    return replay_time(run, repeats), how
 
 
 def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -408,7 +413,7 @@ def cell_name(cell: Cell) -> str:
 @torch.no_grad()
 def time_prefill_cell(models: dict, cell: Cell, args, log, checked: set) -> tuple[dict[str, list[float]], str]:
     """The models' prefill of ``cell`` on the same random ids, each compiled and captured first,
-    then timed in turn over ``args.rounds`` rounds (``interleaved``; ``block_time`` per round). The
+    then timed in turn over ``args.rounds`` rounds (``interleaved``; ``replay_time`` per round). The
     compiled forward is checked against the eager one (and profiled with
     ``--profile``) once per model, the first time it meets the cell (``checked``)."""
     from cmoe.attention import unpadded_prefill
@@ -431,8 +436,7 @@ def time_prefill_cell(models: dict, cell: Cell, args, log, checked: set) -> tupl
                     check_compiled_prefill(model, fwd, ids, log, f"{name} {cell_name(cell)}")
                 if getattr(args, "profile", False):
                     profile_kernels(fwd, 2, log, f"{name} {cell_name(cell)} ({how})")
-        times = interleaved({n: (lambda run=run: block_time(run, PREFILL_REPLAYS, PREFILL_SETTLE_S, PREFILL_BLOCK_S))
-                             for n, run in runs.items()}, args.rounds)
+        times = interleaved({n: (lambda run=run: replay_time(run)) for n, run in runs.items()}, args.rounds)
     del runs
     torch.cuda.empty_cache()
     return times, how

@@ -158,7 +158,7 @@ def _decode_step(model, cache, cache_kw: str, tok, pos, do_sample: bool, tempera
     return sample_logits(logits, do_sample, temperature, top_k, top_p)[:, None]
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple[str, bool], object] = {}  # (mode, launch_pdl) -> the compiled step
 
 
 def compiled_decode_step(mode: str = "reduce-overhead", launch_pdl: bool = False):
