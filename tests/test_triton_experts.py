@@ -198,6 +198,25 @@ def test_shared_expert_folded_into_the_kernels(path, T, a, E, ms, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [32, 36], ids=["even-k", "odd-k"])
+@pytest.mark.parametrize("T,a,E,ms", [(1, 1, 4, 0), (1, 2, 5, 33), (9, 2, 6, 0), (40, 3, 6, 45)])
+def test_grouped_paired_gate_up(T, a, E, ms, d, dtype):
+    """The grouped gate/up kernel with gate and up rows interleaved in one product (``paired``),
+    with and without d a multiple of BK: the loop's result and the two-product kernel's, for one
+    token, experts that get none, neurons that do not fill the last block, the shared pieces."""
+    act = ACTS[(T + d) % len(ACTS)]
+    x, idx, w, gu, dn = problem(T, a, E, d=d, m=20, dtype=dtype, seed=T + d)
+    shared = _shared(ms, d=d, dtype=dtype, seed=ms) if ms else None
+    ref = oracle(x, idx, w, gu, dn, act) + (shared_oracle(x, *shared, act) if ms else 0)
+    outs = []
+    for paired in (False, True):
+        cfg = dict(bt=16, gate_up=(16, 16, 4, 1), down=(16, 16, 4, 1), paired=paired)
+        outs.append(te._grouped_experts(x, idx, w, gu, dn, act, cfg=cfg, shared=shared).sum(1))
+        assert rel_err(outs[-1], ref) < TOL[dtype]
+    assert rel_err(outs[1], outs[0].double()) < TOL[dtype] / 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("a", [1, 2])
 @pytest.mark.parametrize("slots", [True, False], ids=["slots", "summed"])
 def test_shared_expert_beyond_the_fold_limit(monkeypatch, a, dtype, slots):

@@ -70,8 +70,9 @@ def cases():
             for _, cfg in te.GROUPED_CONFIGS:
                 bt = cfg["bt"]
                 bn, bk, _, _ = cfg["gate_up"]
-                yield (f"grouped_gate_up {dt} S={S} bt={bt}", te._grouped_gate_up, ptrs,
-                       dict(A=3, S=S, ACT=0, BT=bt, BN=bn, BK=bk, GROUP=8, **upcast_ieee))
+                for paired in (False, True):
+                    yield (f"grouped_gate_up {dt} S={S} bt={bt}" + " paired" * paired, te._grouped_gate_up, ptrs,
+                           dict(A=3, S=S, ACT=0, BT=bt, BN=bn, BK=bk, GROUP=8, PAIRED=paired, EVEN_K=paired, **upcast_ieee))
                 bn, bk, _, _ = cfg["down"]
                 yield (f"grouped_down {dt} S={S} bt={bt}", te._grouped_down, ptrs,
                        dict(A=3, S=S, BT=bt, BN=bn, BK=bk, GROUP=8, **upcast_ieee))

@@ -175,6 +175,29 @@ def _matmul_pair(x_ptr, rows, r_ok, wg, wu, n_ok, d, k_start, k_stop,
 
 
 @triton.jit
+def _matmul_paired(x_ptr, rows, r_ok, w, w_ok, d,
+                   R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   EVEN_K: tl.constexpr):
+    """The gate and up blocks of ``_matmul_pair`` through one [R, 2 BN] product: ``w`` [2 BN]
+    points to neuron i's gate row at 2i and its up row at 2i + 1 (``w_ok``: which exist), so that
+    the accumulator splits into the two in registers (each thread holds pairs of neighbouring
+    columns), and each step is one wgmma of twice the width instead of two. EVEN_K: d is a
+    multiple of BK (no column mask)."""
+    acc = tl.zeros((R, 2 * BN), tl.float32)
+    for k0 in range(0, d, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        if EVEN_K:
+            xk = tl.load(x_ptr + rows[:, None] * d + offs_k[None, :], mask=r_ok[:, None], other=0.0)
+            b = tl.load(w[None, :] + offs_k[:, None], mask=w_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < d
+            xk = tl.load(x_ptr + rows[:, None] * d + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w[None, :] + offs_k[:, None], mask=k_ok[:, None] & w_ok[None, :], other=0.0)
+        acc = _dot(xk, b, acc, UPCAST, IEEE)
+    return acc.reshape(R, BN, 2).split()
+
+
+@triton.jit
 def _down_block(acc, h_rows, r_ok, wd, n_ok, m, k_end,
                 BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, EVICT: tl.constexpr):
     """acc [R, BN] + h @ W^T: activations from the pointers to column 0 of each of R rows,
@@ -735,7 +758,7 @@ def _grouped_gate_up(
     x_ptr, w_ptr, sw_ptr, h_ptr, sorted_ptr, tile_expert_ptr,  # x [T, d]; gate_up [E, 2m, d]; shared_gate_up [2ms, d]; h [max_tiles*BT, m]
     P, d, m, ms, num_tiles,
     A: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GROUP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PAIRED: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     tile, pid_n = _tile_of(tl.program_id(0), num_tiles, tl.cdiv(m, BN), GROUP)
     e = tl.load(tile_expert_ptr + tile)
@@ -748,7 +771,12 @@ def _grouped_gate_up(
     tok = (pair // (S + A)).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     wg, up, n_ok = _gate_up_rows(w_ptr, sw_ptr, e, offs_n, d, m, ms, S)
-    g, u = _matmul_pair(x_ptr, tok, valid, wg, wg + up, n_ok, d, 0, d, BT, BN, BK, UPCAST, IEEE, "", False)
+    if PAIRED:
+        j = tl.arange(0, 2 * BN)
+        w2, up2, ok2 = _gate_up_rows(w_ptr, sw_ptr, e, pid_n * BN + j // 2, d, m, ms, S)
+        g, u = _matmul_paired(x_ptr, tok, valid, w2 + (j % 2) * up2, ok2, d, BT, BN, BK, UPCAST, IEEE, EVEN_K)
+    else:
+        g, u = _matmul_pair(x_ptr, tok, valid, wg, wg + up, n_ok, d, 0, d, BT, BN, BK, UPCAST, IEEE, "", False)
     hv = _act(g, ACT) * u
     tl.store(h_ptr + rows[:, None].to(tl.int64) * m + offs_n[None, :], hv.to(h_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
@@ -820,7 +848,8 @@ def _grouped_experts(x, idx, weight, gate_up, down, act: str, cfg: dict | None =
     grid = (num_tiles * triton.cdiv(m, bn),)
     _grouped_gate_up[grid](
         x, gate_up, sgu, h, sorted_ids, tile_expert, P, d, m, ms, num_tiles,
-        A=a, S=S, ACT=code, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee, num_warps=nw, num_stages=ns,
+        A=a, S=S, ACT=code, BT=bt, BN=bn, BK=bk, GROUP=gm, UPCAST=upcast, IEEE=ieee,
+        PAIRED=cfg.get("paired", False), EVEN_K=d % bk == 0, num_warps=nw, num_stages=ns,
     )
     if y is None:
         y = torch.empty(T, S + a, d, device=x.device, dtype=x.dtype)
