@@ -809,11 +809,13 @@ def _grouped_down(
 
 
 # tile shapes of the grouped path, by number of (token, slot) pairs, shared pieces included: BT rows per tile, then
-# (BN, BK, num_warps, num_stages) of gate_up and of down (H200 sweep, benchmarks/bench_experts.py)
+# (BN, BK, num_warps, num_stages) of gate_up and of down (H200 sweep, benchmarks/bench_experts.py); ``paired``: the
+# gate/up kernel's one product over interleaved gate and up rows (``_matmul_paired``; H200, run am: at 2048-16384
+# pairs its gate/up 2-5 % faster alone, the 1x2048 prefill forward 0.4-0.7 % faster)
 GROUPED_CONFIGS = [
     (512, dict(bt=64, gate_up=(64, 64, 4, 4), down=(128, 64, 4, 4))),  # decode
     (1024, dict(bt=128, gate_up=(64, 64, 8, 3), down=(128, 64, 8, 3))),
-    (None, dict(bt=128, gate_up=(128, 64, 8, 4), down=(256, 64, 8, 4))),  # prefill
+    (None, dict(bt=128, gate_up=(128, 64, 8, 4), down=(256, 64, 8, 4), paired=True)),  # prefill
 ]
 
 
