@@ -17,8 +17,9 @@ Three expert paths, chosen from static shapes (so a decode step captures in a CU
 - many pairs (larger batches, prefill): pairs are grouped by expert on the device and padded to
   tiles of ``BT`` rows (``align``: two Triton kernels, one program per 256 pairs, that count and
   then place them; sort-based torch ops for very many); ``_grouped_gate_up`` is a grouped GEMM
-  with gate and up fused and the activation in the epilogue; ``_grouped_down`` multiplies by the
-  routing weight and writes each pair's row.
+  with gate and up fused (at prefill sizes as one product over interleaved gate and up rows,
+  ``paired``) and the activation in the epilogue; ``_grouped_down`` multiplies by the routing
+  weight and writes each pair's row.
 - prefill in bf16 on Hopper, once every expert gets ``GROUPED_MM_MIN_ROWS`` rows on average:
   torch's grouped GEMM (``torch._grouped_mm``, CUTLASS) for both projections, with our kernels
   for the glue (the activation, and each token's weighted sum plus the shared expert in one pass;
@@ -811,7 +812,8 @@ def _grouped_down(
 # tile shapes of the grouped path, by number of (token, slot) pairs, shared pieces included: BT rows per tile, then
 # (BN, BK, num_warps, num_stages) of gate_up and of down (H200 sweep, benchmarks/bench_experts.py); ``paired``: the
 # gate/up kernel's one product over interleaved gate and up rows (``_matmul_paired``; H200, run am: at 2048-16384
-# pairs its gate/up 2-5 % faster alone, the 1x2048 prefill forward 0.4-0.7 % faster)
+# pairs the gate/up kernel 1-5 % faster alone; in the 1x2048 forward llama3-8b 0.4-0.7 % faster, llama2-7b within
+# the rounds' spread)
 GROUPED_CONFIGS = [
     (512, dict(bt=64, gate_up=(64, 64, 4, 4), down=(128, 64, 4, 4))),  # decode
     (1024, dict(bt=128, gate_up=(64, 64, 8, 3), down=(128, 64, 8, 3))),
