@@ -48,16 +48,13 @@ def cases():
             bn, bk, _ = te.GEMV_CONFIG["gate_up"]
             yield (f"gemv_gate_up {dt} S={S}", te._gemv_gate_up, {**ptrs, "h_ptr": "*fp32"},
                    dict(A=3, S=S, ACT=0, BN=bn, BK=bk))
-            for linear in (False, True):  # the router and every slot's gate/up in one launch (GEMV op)
-                yield (f"gemv_route_gate_up {dt} S={S} linear={linear}", te._gemv_route_gate_up,
+            for linear, pdl in ((False, False), (True, False), (False, True)):
+                # the router and every slot's gate/up in one launch (GEMV op); launched with PDL (cmoe.pdl)
+                yield (f"gemv_route_gate_up {dt} S={S} linear={linear}" + " pdl" * pdl, te._gemv_route_gate_up,
                        {**ptrs, "h_ptr": "*fp32", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "p_ptr": "*fp32",
                         "part_ptr": "*fp32", "sync_ptr": "*i32"},
-                       dict(A=3, S=S, ACT=0, BN=bn, BK=bk, SPLITS=16, BT=16, BE=16, RBK=128, LINEAR=linear, PDL=False,
+                       dict(A=3, S=S, ACT=0, BN=bn, BK=bk, SPLITS=16, BT=16, BE=16, RBK=128, LINEAR=linear, PDL=pdl,
                             **upcast_ieee))
-            yield (f"gemv_route_gate_up {dt} S={S} pdl", te._gemv_route_gate_up,  # cmoe.pdl
-                   {**ptrs, "h_ptr": "*fp32", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "p_ptr": "*fp32",
-                    "part_ptr": "*fp32", "sync_ptr": "*i32"},
-                   dict(A=3, S=S, ACT=0, BN=bn, BK=bk, SPLITS=16, BT=16, BE=16, RBK=128, LINEAR=False, PDL=True, **upcast_ieee))
             bn, bk, _ = te.GEMV_CONFIG["down"]
             for reset, pdl in ((False, False), (True, False), (True, True)):
                 yield (f"gemv_down {dt} S={S} reset={reset}" + " pdl" * pdl, te._gemv_down,
