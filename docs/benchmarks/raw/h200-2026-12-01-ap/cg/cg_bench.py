@@ -25,7 +25,10 @@ class Grouped:
     """One CUTLASS configuration's grouped GEMM D_g = A_g @ B_g^T over G groups with fixed N, K."""
 
     def __init__(self, name, G, N, K):
+        """N, K: ints (every group) or sequences of G ints (group g is N[g] x K[g])."""
         self.name, self.G = name, G
+        N = [N] * G if isinstance(N, int) else list(N)
+        K = [K] * G if isinstance(K, int) else list(K)
         f = lambda s: getattr(LIB, f"{name}_{s}")  # noqa: E731
         self._run = f("run")
         self._run.restype = ctypes.c_int
@@ -35,8 +38,9 @@ class Grouped:
         ws.argtypes = [ctypes.c_int, ctypes.c_int]
         self.strides = torch.zeros(3, G, 64, dtype=torch.uint8, device="cuda")  # room for each stride type
         st = f("strides")
-        st.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, P, P, P]
-        rc = st(G, N, K, *[P(self.strides[i].data_ptr()) for i in range(3)])
+        st.argtypes = [ctypes.c_int, P, P, P, P, P]
+        n, k = (ctypes.c_int * G)(*N), (ctypes.c_int * G)(*K)
+        rc = st(G, ctypes.cast(n, P), ctypes.cast(k, P), *[P(self.strides[i].data_ptr()) for i in range(3)])
         assert rc == 0, rc
         self.ws = torch.empty(max(1, ws(G, torch.cuda.get_device_properties(0).multi_processor_count)), dtype=torch.uint8, device="cuda")
 

@@ -65,3 +65,70 @@ def grouped_pairs(x, tokens, ends, gate_up, down, glu_fn):
 
 ex.grouped_pairs = grouped_pairs
 te.grouped_pairs = grouped_pairs
+
+# ---- FOLD: the shared expert as group 0 of the same CUTLASS launches (its A is x itself, not gathered)
+FOLD = False
+_shared_beside = te._shared_beside
+_grouped_mm_rows = te._grouped_mm_rows
+
+
+class _NoSide:
+    def wait(self, t):
+        return t
+
+
+def shared_beside(x, shared, act, out=None):
+    if FOLD and MODE != "torch" and shared is not None and out is None and x.dtype == torch.bfloat16:
+        return _NoSide(), ("fold", shared)
+    return _shared_beside(x, shared, act, out=out)
+
+
+@triton.jit
+def _ptrs_fold(ends_ptr, shapes_ptr, pa_ptr, pb_ptr, pd_ptr, a0, a_base, b0, b_base, d0, d_base, T, E, N0, N, K0, K,
+               BE: tl.constexpr):
+    """Group 0: the shared expert (T rows of a0 times b0 into d0, N0 x K0); groups 1..E: the routed experts
+    (rows ends[e-1]:ends[e] of a_base times b_base[e] into d_base, N x K)."""
+    g = tl.arange(0, BE)
+    ok = g < E + 1
+    e = g - 1
+    end = tl.load(ends_ptr + e, mask=ok & (g > 0), other=0).to(tl.int64)
+    start = tl.load(ends_ptr + e - 1, mask=ok & (g > 1), other=0).to(tl.int64)
+    first = g == 0
+    tl.store(shapes_ptr + g * 3, tl.where(first, T, end - start).to(tl.int32), mask=ok)
+    tl.store(shapes_ptr + g * 3 + 1, tl.where(first, N0, N), mask=ok)
+    tl.store(shapes_ptr + g * 3 + 2, tl.where(first, K0, K), mask=ok)
+    tl.store(pa_ptr + g, tl.where(first, a0, a_base + start * K * 2), mask=ok)
+    tl.store(pb_ptr + g, tl.where(first, b0, b_base + e.to(tl.int64) * N * K * 2), mask=ok)
+    tl.store(pd_ptr + g, tl.where(first, d0, d_base + start * N * 2), mask=ok)
+
+
+def fold_mm(a0, w0, a, w, ends, name):
+    """(a0 [T, K0] @ w0 [N0, K0]^T, rows ends[e-1]:ends[e] of a [R, K] times w[e] [N, K]^T) in one launch."""
+    E, N, K = w.shape
+    N0, K0 = w0.shape
+    key = ("fold", name, E, N0, K0, N, K)
+    if key not in _CACHE:
+        _CACHE[key] = Grouped(name, E + 1, [N0] + [N] * E, [K0] + [K] * E)
+    d0 = torch.empty(a0.shape[0], N0, device=a.device, dtype=a.dtype)
+    out = torch.empty(a.shape[0], N, device=a.device, dtype=a.dtype)
+    shapes = torch.empty(E + 1, 3, device=a.device, dtype=torch.int32)
+    p = torch.empty(3, E + 1, device=a.device, dtype=torch.int64)
+    _ptrs_fold[(1,)](ends, shapes, p[0], p[1], p[2], a0.data_ptr(), a.data_ptr(), w0.data_ptr(), w.data_ptr(),
+                     d0.data_ptr(), out.data_ptr(), a0.shape[0], E, N0, N, K0, K, BE=triton.next_power_of_2(E + 1))
+    _CACHE[key](shapes, p[0], p[1], p[2])
+    return d0, out
+
+
+def grouped_mm_rows(x, idx, gate_up, down, act, extra=None, beside=None):
+    if not (isinstance(extra, tuple) and extra and extra[0] == "fold"):
+        return _grouped_mm_rows(x, idx, gate_up, down, act, extra, beside)
+    sgu, sd = extra[1]
+    c1, c2 = MODE.split(",")
+    tokens, ends, pos = te.sort_pairs(idx, gate_up.shape[0])
+    gu0, gu = fold_mm(x, sgu.contiguous(), x.index_select(0, tokens), gate_up.contiguous(), ends, c1)
+    y0, rows = fold_mm(te.glu(gu0, act), sd.contiguous(), te.glu(gu, act), down.contiguous(), ends, c2)
+    return rows, pos, y0
+
+
+te._shared_beside = shared_beside
+te._grouped_mm_rows = grouped_mm_rows

@@ -40,11 +40,16 @@ struct Grouped {
   using SB = typename Kernel::InternalStrideB;
   using SD = typename Kernel::InternalStrideD;
 
-  // strides: host-built, copied to the device buffers given (same for every group: N and K fixed)
-  static int strides(int groups, int N, int K, void *sa, void *sb, void *sd) {
-    std::vector<SA> a(groups, cutlass::make_cute_packed_stride(SA{}, {1, K, 1}));
-    std::vector<SB> b(groups, cutlass::make_cute_packed_stride(SB{}, {N, K, 1}));
-    std::vector<SD> d(groups, cutlass::make_cute_packed_stride(SD{}, {1, N, 1}));
+  // strides: host-built, copied to the device buffers given; group g is N[g] x K[g]
+  static int strides(int groups, const int *N, const int *K, void *sa, void *sb, void *sd) {
+    std::vector<SA> a;
+    std::vector<SB> b;
+    std::vector<SD> d;
+    for (int g = 0; g < groups; ++g) {
+      a.push_back(cutlass::make_cute_packed_stride(SA{}, {1, K[g], 1}));
+      b.push_back(cutlass::make_cute_packed_stride(SB{}, {N[g], K[g], 1}));
+      d.push_back(cutlass::make_cute_packed_stride(SD{}, {1, N[g], 1}));
+    }
     if (cudaMemcpy(sa, a.data(), groups * sizeof(SA), cudaMemcpyHostToDevice) != cudaSuccess) return -1;
     if (cudaMemcpy(sb, b.data(), groups * sizeof(SB), cudaMemcpyHostToDevice) != cudaSuccess) return -1;
     if (cudaMemcpy(sd, d.data(), groups * sizeof(SD), cudaMemcpyHostToDevice) != cudaSuccess) return -1;
@@ -88,7 +93,7 @@ using PingE = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 
 #define ENTRY(NAME, ...)                                                                                             \
   using NAME##_t = Grouped<__VA_ARGS__>;                                                                          \
-  extern "C" int NAME##_strides(int g, int n, int k, void *sa, void *sb, void *sd) {                               \
+  extern "C" int NAME##_strides(int g, const int *n, const int *k, void *sa, void *sb, void *sd) {                 \
     return NAME##_t::strides(g, n, k, sa, sb, sd);                                                                 \
   }                                                                                                                \
   extern "C" size_t NAME##_workspace(int g, int sms) { return NAME##_t::workspace(g, sms); }                      \
