@@ -543,7 +543,9 @@ def dense_rows(dense, name: str, args, dense_times: dict) -> list[Row]:
 @torch.no_grad()
 def profile_kernels(run, n: int, log, label: str, top: int = 40) -> None:
     """Call ``run()`` ``n`` times under torch.profiler and log, per call: wall time (host
-    included), GPU busy time (sum of kernel times), GPU span, and the ``top`` kernels by time."""
+    included), GPU busy time (sum of kernel times), GPU span, and the ``top`` kernels by time.
+    Under the profiler the kernels of a replayed CUDA graph ran one at a time on the H200 (run aq
+    in docs/benchmarks/speed-h200.md): the busy time and span say nothing of how two streams overlap."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
