@@ -544,8 +544,9 @@ def dense_rows(dense, name: str, args, dense_times: dict) -> list[Row]:
 def profile_kernels(run, n: int, log, label: str, top: int = 40) -> None:
     """Call ``run()`` ``n`` times under torch.profiler and log, per call: wall time (host
     included), GPU busy time (sum of kernel times), GPU span, and the ``top`` kernels by time.
-    Under the profiler the kernels of a replayed CUDA graph ran one at a time on the H200 (run aq
-    in docs/benchmarks/speed-h200.md): the busy time and span say nothing of how two streams overlap."""
+    It cannot show how two streams overlap: in run aq's trace of a replayed prefill on the H200
+    (docs/benchmarks/speed-h200.md), the profiled kernels ran one at a time, the second stream's
+    among them, with 40-190 us gaps between them."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
