@@ -25,7 +25,7 @@ misses, by how much (``target_misses``).
 With ``--coordinate-descent`` every compile of the run, dense and MoE alike, uses inductor's
 coordinate-descent tuning, under which inductor also runs one-row matmuls (the dense FFN at batch 1)
 as its own tuned reductions instead of cuBLAS's GEMVs: a stronger dense baseline at batch 1
-(docs/benchmarks/speed-h200.md, "Run ab").
+(docs/benchmarks/speed-h200-log.md, "Run ab").
 
 With ``--rest`` it also times each model shape with every FFN removed ("no FFN") and prints where
 each cell's time goes: the rest of the forward, the FFNs in context (the cell's time minus the
@@ -545,7 +545,7 @@ def profile_kernels(run, n: int, log, label: str, top: int = 40) -> None:
     """Call ``run()`` ``n`` times under torch.profiler and log, per call: wall time (host
     included), GPU busy time (sum of kernel times), GPU span, and the ``top`` kernels by time.
     It cannot show how two streams overlap: in run aq's trace of a replayed prefill on the H200
-    (docs/benchmarks/speed-h200.md), the profiled kernels ran one at a time, the second stream's
+    (docs/benchmarks/speed-h200-log.md), the profiled kernels ran one at a time, the second stream's
     among them, with 40-190 us gaps between them."""
     from torch.profiler import ProfilerActivity, profile
 

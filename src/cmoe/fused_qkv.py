@@ -6,7 +6,7 @@ and pay three launches and three tails. Inside ``fused_qkv(model)`` each attenti
 projections are plain ``nn.Linear`` of one input size, dtype and device (with biases on all three
 or on none) computes ``[q; k; v]`` with one weight and hands k and v to ``k_proj`` and ``v_proj``.
 On an H200 this made the dense LLaMA-2-7B-shaped decode step at batch 1 5.5 % faster (0.698 ->
-0.660 ms, 4 layers; run t in docs/benchmarks/speed-h200.md).
+0.660 ms, 4 layers; run t in docs/benchmarks/speed-h200-log.md).
 
 No weight is copied: the first entry moves q, k and v into one ``[nq + nk + nv, d]`` storage, one
 attention at a time, and leaves the three parameters as views of it (the same ``Parameter``

@@ -3,7 +3,7 @@
 At decode batch 1 cuBLAS runs the attention's output projection (a square [d, d] weight) as a
 split-K GEMV plus a separate reduction kernel, and q/k/v at 3.3-3.7 TB/s. ``gemv`` reads the
 weight once, two rows per program, and writes the output directly. On an H200, with the weights
-out of L2 (``benchmarks/bench_gemv.py``; docs/benchmarks/speed-h200.md, run aa), two machines:
+out of L2 (``benchmarks/bench_gemv.py``; docs/benchmarks/speed-h200-log.md, run aa), two machines:
 11.0 / 9.9 against cuBLAS's 12.7 / 13.6 us for [4096 x 4096], 14.6 / 13.8 against 16.1 / 15.4 us for
 [6144 x 4096], 26.9 / 24.6 against 30.3 / 27.5 us for [12288 x 4096].
 

@@ -5,7 +5,7 @@ one-token decode step compiled with ``torch.compile(fullgraph=True)``. On the GP
 step is captured once in a CUDA graph that also feeds its tokens back and advances the position,
 so a decode step costs the host one replay (about 5 us; ``mode="reduce-overhead"`` took
 0.2-0.4 ms of host time per step on the H200's host, near the GPU time of a batch-1 step, run q
-in docs/benchmarks/speed-h200.md). Caches that keep state on the host (sliding-window layers)
+in docs/benchmarks/speed-h200-log.md). Caches that keep state on the host (sliding-window layers)
 use ``mode="reduce-overhead"`` instead. Sampling happens inside the step, and the loop never waits
 on the GPU, except every ``stop_check_every`` steps when ``eos_token_id`` is given. Attentions
 compute q, k and v with one GEMM while generating (``cmoe.fused_qkv``; no weight is copied), and on
@@ -125,7 +125,7 @@ def argmax_last(x: torch.Tensor) -> torch.Tensor:
     entries and its index, then the best chunk; the same index (the first maximum) as
     ``torch.argmax``. Compiled, ``torch.argmax`` over a vocabulary is one program per row, which
     reads the whole row alone: about 28 us per step for LLaMA-3's 128,256 entries at batch 1 on
-    an H200 (docs/benchmarks/speed-h200.md, run w's profile), where the chunks run side by side
+    an H200 (docs/benchmarks/speed-h200-log.md, run w's profile), where the chunks run side by side
     (5.0 us, run aa). Beyond ARGMAX_SPLIT_MAX_ROWS rows, ``torch.argmax``."""
     B, V = x.shape
     n = V // ARGMAX_CHUNK

@@ -14,7 +14,7 @@ step touches. In the decode step that ``cmoe.generation`` captures, inductor's k
 too (``torch._inductor.config.triton.enable_pdl``), dense and converted models alike. Set
 ``cmoe.pdl.ENABLED = False`` before generating to launch every kernel as before.
 
-H200, the captured decode step at batch 1, llama2-7b shape, 4 layers (docs/benchmarks/speed-h200.md,
+H200, the captured decode step at batch 1, llama2-7b shape, 4 layers (docs/benchmarks/speed-h200-log.md,
 run ak): dense 0.6175 -> 0.6005 ms, S1A1E8 0.3953 -> 0.3732 ms, S2A2E16 0.3978 -> 0.3761 ms.
 """
 

@@ -98,11 +98,11 @@ if _INTERPRET and isinstance(getattr(tl, "zeros", None), triton.runtime.jit.JITF
 
 _ACT_CODE = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
-# Path and tile choices (tuned on an H200, see docs/benchmarks/speed-h200.md).
+# Path and tile choices (tuned on an H200, see docs/benchmarks/speed-h200-log.md).
 GEMV_MAX_PAIRS = 4  # T * a up to this: the GEMV (decode) path
 # the alignment kernels while their per-chunk counts (chunks x experts) are at most this many; beyond,
 # sort-based torch ops (each program reads every count: H200, 3.5-13.7x faster than the torch ops up to
-# 32,768 counts, 0.52x at 131,072; docs/benchmarks/speed-h200.md, run u)
+# 32,768 counts, 0.52x at 131,072; docs/benchmarks/speed-h200-log.md, run u)
 ALIGN_KERNEL_MAX_COUNTS = 32768
 ALIGN_CHUNK = 256  # pairs per program of the alignment kernels
 ALIGN_COUNT_BLOCK = 4096  # per-chunk counts (chunks x experts) per load in the placing kernel
@@ -390,7 +390,7 @@ def _gemv_down(
 # enough programs to fill the GPU; gate/up's BK is capped at d rounded up to a power of 2.
 # H200, 4 layers of llama2-7b/llama3-8b shapes, 1-2 tokens: with gate/up at (2, 2048, 2) the two
 # kernels took 0.88-0.99x the time they took with (8, 512, 4), e.g. S2A2E8 at one token 38.3
-# against 43.5 us per layer (docs/benchmarks/speed-h200.md, "Run q")
+# against 43.5 us per layer (docs/benchmarks/speed-h200-log.md, "Run q")
 GEMV_CONFIG = {"gate_up": (2, 2048, 2), "down": (8, 512, 4)}
 GEMV_MIN_PROGRAMS = 264  # about 2 per SM of an H200
 
@@ -1174,7 +1174,7 @@ ROUTE_SPLIT_MAX_TOKENS = 4096  # up to this many tokens: scores split over slice
 ROUTE_SPLIT_K = 256  # columns of d per slice
 ROUTE_TILE = 16  # tokens per program of the split router (the most the GEMV op takes)
 # from ROUTE_WIDE_MIN_TOKENS tokens: fewer, larger programs (H200, 2,048 tokens, d = 4,096, alone:
-# 7.6 us against 11.8 with the tiles above; docs/benchmarks/speed-h200.md, "Run ag")
+# 7.6 us against 11.8 with the tiles above; docs/benchmarks/speed-h200-log.md, "Run ag")
 ROUTE_WIDE_MIN_TOKENS = 1024
 ROUTE_WIDE_TILE = 32
 ROUTE_WIDE_SPLIT_K = 512
@@ -1345,7 +1345,7 @@ def _masked_down(
 
 # by number of tokens: BT tokens per tile, (BN, BK, num_warps, num_stages) of gate_up and of down,
 # groups of virtual experts in the down kernel (one output slot each); H200 sweep
-# (``bench_experts.py --masked``, docs/benchmarks/speed-h200.md)
+# (``bench_experts.py --masked``, docs/benchmarks/speed-h200-log.md)
 MASKED_CONFIGS = [
     (16, dict(bt=16, gate_up=(32, 128, 4, 3), down=(64, 128, 4, 3), groups=4)),
     (32, dict(bt=32, gate_up=(64, 128, 4, 3), down=(64, 128, 4, 3), groups=4)),
@@ -1472,7 +1472,7 @@ def use_dense(T: int, active: int, total: int) -> bool:
     active, from DENSE_MIN_TOKENS, while the FLOPs it multiplies (total / active times those
     needed) stay under DENSE_MAX_WORK tokens' worth. On the H200: S3A3E8 at 128-288 tokens and
     S2A2E8 at 128-192, where the grouped kernels' GEMMs run below cuBLAS's rate
-    (``bench_experts.py --paths``; run o in docs/benchmarks/speed-h200.md). In the whole decode
+    (``bench_experts.py --paths``; run o in docs/benchmarks/speed-h200-log.md). In the whole decode
     step S2A2E8 at b=256 ran faster on the grouped kernels (run aj: 0.9935x against 0.9862x dense
     on llama2-7b, 1.0132x against 1.0023x on llama3-8b; ``bench_ab.py``)."""
     return T >= DENSE_MIN_TOKENS and active >= DENSE_MIN_ACTIVE * total and T * total <= DENSE_MAX_WORK * active
@@ -1526,7 +1526,7 @@ def dense_moe(layer, x: torch.Tensor) -> torch.Tensor | None:
 # H200, batch-1 decode, S1A1E8 on llama2-7b, 4 layers: 0.4346-0.4351 ms per step against 0.4512-0.4517
 # with the router's two kernels on a second stream beside the shared pieces' gate/up and the routed
 # gate/up as a launch of its own, and 0.4377-0.4399 with the flags zeroed by a fill kernel in each
-# layer instead of by the down kernel (docs/benchmarks/speed-h200.md, "Run w")
+# layer instead of by the down kernel (docs/benchmarks/speed-h200-log.md, "Run w")
 GEMV_LAYER_OP = True  # the GEMV path as one op (router, shared and routed experts)
 
 
@@ -1707,7 +1707,7 @@ def _(x, idx, weight, gate_up, down, act, shared_gate_up=None, shared_down=None)
 
 # Compiled, on the grouped_mm path, for top-k up to GMM_ROWS_MAX_SLOTS (0: never): the rows op, and
 # their weighted sum in torch ops, which inductor fuses into the residual add, instead of the op's own
-# pass. H200, 4 layers, 3 rounds, medians (docs/benchmarks/speed-h200.md, "Run ah"): top-2 shorter in
+# pass. H200, 4 layers, 3 rounds, medians (docs/benchmarks/speed-h200-log.md, "Run ah"): top-2 shorter in
 # every round at 1x2048 (S2A2E8: 21 us on llama2-7b, 34 us on llama3-8b) and 1.3 % shorter at 8x2048
 # (llama3-8b S2A2E16, 6 rounds); top-3 (S3A3E8) 30-34 us longer at 1x2048 on both shapes.
 GMM_ROWS_MAX_SLOTS = 2
